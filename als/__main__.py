@@ -1,0 +1,3 @@
+from als.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""Command-line entry points: ``als`` (inspect, extract, ...) and ``als-mount``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from als import __version__
+from als.errors import AlsError
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    # A path that exists is a local blob; anything else is a remote image reference.
+    if os.path.exists(args.target):
+        from als.inspect_cmd import inspect_blob
+
+        return inspect_blob(args)
+    from als.registry.cli import inspect_remote
+
+    return inspect_remote(args)
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from als.inspect_cmd import extract_blob
+
+    return extract_blob(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="als", description="lazy-pulling layer store for podman")
+    p.add_argument("--version", action="version", version=f"als {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ins = sub.add_parser("inspect", help="describe a layer blob (file) or a remote image (REF)")
+    ins.add_argument("target", help="a blob file, or an image reference such as host/repo:tag")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--annotations", metavar="FILE", help="JSON file of layer annotations")
+    ins.add_argument("--probe", action="store_true", help="remote: read each blob's tail too")
+    ins.add_argument("--platform", help="remote: os/arch[/variant] (default: this host)")
+    ins.add_argument("--registries-conf", metavar="FILE", help="remote: registries.conf to use")
+    ins.add_argument("--authfile", metavar="FILE", help="remote: credentials file")
+    ins.set_defaults(func=_inspect)
+
+    ext = sub.add_parser("extract", help="unpack a layer blob, verifying every byte")
+    ext.add_argument("blob")
+    ext.add_argument("dest")
+    ext.add_argument("--annotations", metavar="FILE", help="JSON file of layer annotations")
+    ext.add_argument(
+        "--whiteouts",
+        choices=["overlay", "aufs"],
+        default="overlay",
+        help="overlay: char 0/0 and opaque xattr (default); aufs: .wh. files as in the tar",
+    )
+    ext.set_defaults(func=_extract)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        rc: int = args.func(args)
+    except AlsError as exc:
+        print(f"als: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+def mount_main(argv: Sequence[str] | None = None) -> int:
+    from als.store.daemon import main as daemon_main
+
+    return daemon_main(argv)

@@ -1,0 +1,1 @@
+"""The store: the FUSE filesystem podman consults as an additional layer store."""

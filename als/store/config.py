@@ -1,0 +1,89 @@
+"""Store configuration: every option has a default; a TOML file and flags override them."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from als.errors import ConfigError
+
+
+@dataclass
+class StoreConfig:
+    root: Path = Path("/var/lib/als")
+    # Registry access
+    registries_conf: str | None = None  # default: /etc/containers/registries.conf (+ .d)
+    authfile: str | None = None  # default: the usual podman/docker auth files
+    platform: str | None = None  # os/arch[/variant]; default: this host
+    # How long a podman lookup may take before the store answers ENOENT (podman then pulls
+    # normally). podman asks the store about every layer of every pull: keep it short.
+    lookup_timeout: float = 15.0
+    # How long a failed lookup is remembered (ENOENT at once) before the registry is asked again.
+    negative_ttl: float = 10.0
+    # How long a resolved image (manifest + config) is reused for further lookups.
+    manifest_ttl: float = 120.0
+    # A read of file content waits at most this long for the registry, then answers EIO.
+    read_timeout: float = 60.0
+    connect_timeout: float = 5.0
+    # Parallelism
+    net_threads: int = 8
+    cpu_threads: int = 2
+    # Bytes of decompressed, verified chunks kept in memory.
+    memory_cache_mb: int = 64
+    # Nearby compressed ranges closer than this are fetched in one request.
+    coalesce_gap: int = 64 * 1024
+    # Extra bytes fetched after a small read's chunk (read-ahead of the next chunks), in bytes.
+    readahead: int = 512 * 1024
+    # Kernel cache timeouts (seconds): layer contents never change.
+    layer_ttl: float = 3600.0
+    store_ttl: float = 1.0
+    log_level: str = "info"
+    debug_fuse: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | None, overrides: dict[str, Any] | None = None) -> StoreConfig:
+        values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    values = tomllib.load(f)
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {path}: {exc}") from exc
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config option(s): {', '.join(unknown)}")
+        cfg = cls()
+        for name, raw in values.items():
+            setattr(cfg, name, _check(name, getattr(cfg, name), raw))
+        return cfg
+
+    @property
+    def pool(self) -> Path:
+        return self.root / ".pool"
+
+
+def _check(name: str, default: object, value: object) -> object:
+    """Validate one option against the type of its default."""
+    if isinstance(default, Path):
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"config option {name} must be a path")
+        return Path(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config option {name} must be true or false")
+        return value
+    if isinstance(default, (int, float)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"config option {name} must be a non-negative number")
+        return type(default)(value)
+    if (default is None or isinstance(default, str)) and not isinstance(value, str):
+        raise ConfigError(f"config option {name} must be a string")
+    return value

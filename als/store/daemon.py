@@ -1,0 +1,241 @@
+"""``als-mount ROOT``: mount the store at ROOT/.pool and serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import faulthandler
+import fcntl
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import pyfuse3
+import trio
+
+from als import __version__
+from als.errors import AlsError
+from als.store.config import StoreConfig
+from als.store.fuse_ops import Operations
+from als.store.layers import LayerManager, Source
+
+log = logging.getLogger("als.daemon")
+
+_JOURNAL_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<N>`` priority prefixes, which journald turns into the message's priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _JOURNAL_PRIORITY.get(record.levelno, 6)
+        return f"<{prio}>{super().format(record)}"
+
+
+def setup_logging(level: str, stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def sd_notify(message: str) -> bool:
+    """Send a systemd notification if NOTIFY_SOCKET is set; True if sent."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(addr)
+        sock.sendall(message.encode())
+    return True
+
+
+def _is_mountpoint(path: Path) -> bool:
+    target = str(path.resolve())
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
+                    return True
+    except OSError:
+        pass
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def cleanup_stale_mount(pool: Path) -> bool:
+    """Unmount what a crashed instance left at ``pool`` (we hold the lock: it is stale)."""
+    if not _is_mountpoint(pool):
+        return False
+    log.warning("unmounting a stale mount left at %s", pool)
+    for cmd in (["fusermount3", "-u", "-z", str(pool)], ["umount", "-l", str(pool)]):
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+            return True
+        except (OSError, subprocess.SubprocessError):
+            continue
+    raise AlsError(f"cannot unmount the stale mount at {pool}; run: umount -l {pool}")
+
+
+@contextlib.contextmanager
+def root_lock(root: Path) -> Iterator[None]:
+    """One als-mount per ROOT: an exclusive flock on ROOT/.als.lock, with our pid in it."""
+    path = root / ".als.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise AlsError(
+                f"another als-mount (pid {other}) is already serving {root}; stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def fuse_options(cfg: StoreConfig) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts.discard("default_permissions")
+    # The kernel checks permissions against the layer's modes; root (podman) reads everything.
+    opts |= {"fsname=als", "subtype=als", "allow_other", "default_permissions"}
+    if cfg.debug_fuse:
+        opts.add("debug")
+    return opts
+
+
+def make_source(cfg: StoreConfig) -> Source:
+    from als.registry import CredentialStore, RegistriesConf, RegistryClient
+
+    creds = CredentialStore.from_default_files(cfg.authfile)
+    conf = RegistriesConf.load(cfg.registries_conf)
+    client = RegistryClient(
+        registries_conf=conf,
+        credentials=creds,
+        connect_timeout=cfg.connect_timeout,
+        read_timeout=cfg.read_timeout,
+        platform=cfg.platform,
+    )
+    return client
+
+
+async def serve(
+    cfg: StoreConfig, source: Source, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    manager = LayerManager(source, cfg)
+    ops = Operations(cfg, manager)
+    pyfuse3.init(ops, str(cfg.pool), fuse_options(cfg))
+    clean = False
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as recv:
+                    async for signum in recv:
+                        log.info("received %s: unmounting", signal.Signals(signum).name)
+                        pyfuse3.terminate()
+                        return
+
+            async def housekeeping() -> None:
+                while True:
+                    await trio.sleep(60)
+                    dropped = manager.forget_unused()
+                    if dropped:
+                        log.info("released %d idle layer(s)", dropped)
+
+            nursery.start_soon(signals)
+            nursery.start_soon(housekeeping)
+            log.info("als %s serving %s", __version__, cfg.pool)
+            sd_notify("READY=1\nSTATUS=serving " + str(cfg.pool))
+            task_status.started(ops)
+            await pyfuse3.main()
+            clean = True
+            nursery.cancel_scope.cancel()
+    finally:
+        sd_notify("STOPPING=1")
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s%s", cfg.pool, "" if clean else " after an error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="als-mount",
+        description="Mount the als additional layer store at ROOT/.pool (foreground).",
+    )
+    p.add_argument("root", help="store root, e.g. /var/lib/als (created if needed)")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (all options have defaults)")
+    p.add_argument("--registries-conf", metavar="FILE", help="registries.conf (v2) to use")
+    p.add_argument("--authfile", metavar="FILE", help="registry credentials (auth.json)")
+    p.add_argument("--platform", help="os/arch[/variant] for multi-platform images")
+    p.add_argument("--lookup-timeout", type=float, help="seconds before a lookup answers ENOENT")
+    p.add_argument("--read-timeout", type=float, help="seconds before a read answers EIO")
+    p.add_argument("--memory-cache-mb", type=int, help="memory for decompressed chunks")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--debug-fuse", action="store_true", default=None, help="libfuse debug output")
+    p.add_argument("--version", action="version", version=f"als-mount {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = StoreConfig.load(
+            args.config,
+            {
+                "root": args.root,
+                "registries_conf": args.registries_conf,
+                "authfile": args.authfile,
+                "platform": args.platform,
+                "lookup_timeout": args.lookup_timeout,
+                "read_timeout": args.read_timeout,
+                "memory_cache_mb": args.memory_cache_mb,
+                "log_level": args.log_level,
+                "debug_fuse": args.debug_fuse,
+            },
+        )
+    except AlsError as exc:
+        print(f"als-mount: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    cfg.root = cfg.root.absolute()
+    try:
+        cfg.pool.mkdir(parents=True, exist_ok=True)
+        with root_lock(cfg.root):
+            cleanup_stale_mount(cfg.pool)
+            source = make_source(cfg)
+            trio.run(serve, cfg, source)
+    except AlsError as exc:
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot serve %s: %s", cfg.root, exc)
+        return 1
+    return 0

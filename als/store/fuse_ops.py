@@ -1,0 +1,554 @@
+"""The pyfuse3 Operations: a thin translation layer over :mod:`als.store.nodes` and layers.
+
+This and :mod:`als.store.daemon` are the only modules that import pyfuse3. Every handler goes
+through :func:`_guard`, the single error boundary: pyfuse3 only catches ``FUSEError``, and any
+other exception would end the daemon and leave a dead mount under every running container.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, FUSEError, InodeT
+
+from als.errors import AlsError
+from als.formats import EntryType
+from als.store.config import StoreConfig
+from als.store.layers import LayerManager
+from als.store.nodes import (
+    INSTANCE_SHIFT,
+    OPAQUE_XATTRS,
+    Instance,
+    Namespace,
+    StoreNode,
+    is_whiteout_entry,
+    resolve_child,
+    split_inode,
+)
+from als.store.protocol import (
+    ANN_LAYER_DIGEST,
+    ANN_REFERENCE,
+    info_json,
+    is_digest,
+    parse_annotation_segment,
+    parse_ref_segment,
+    parse_rootfs_name,
+)
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_TYPE_BITS = {
+    EntryType.REG: stat.S_IFREG,
+    EntryType.DIR: stat.S_IFDIR,
+    EntryType.SYMLINK: stat.S_IFLNK,
+    EntryType.CHAR: stat.S_IFCHR,
+    EntryType.BLOCK: stat.S_IFBLK,
+    EntryType.FIFO: stat.S_IFIFO,
+}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+def _guard(
+    fn: Callable[Concatenate[Operations, P], Awaitable[R]],
+) -> Callable[Concatenate[Operations, P], Awaitable[R]]:
+    """Translate every failure into a FUSE errno; log what is not a plain FUSEError."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(self, *args, **kwargs)
+        except FUSEError:
+            raise
+        except AlsError as exc:
+            log.debug("%s%r: %s", fn.__name__, args, exc)
+            raise FUSEError(exc.errno) from None
+        except trio.TooSlowError:
+            log.error("%s%r: timed out", fn.__name__, args)
+            raise FUSEError(errno.EIO) from None
+        except Exception:
+            self.internal_errors += 1
+            log.exception("internal error in %s%r", fn.__name__, args)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):  # type: ignore[misc]
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, cfg: StoreConfig, manager: LayerManager) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.manager = manager
+        self.ns = Namespace()
+        self.internal_errors = 0
+        self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
+        self._next_dir_fh = 1
+
+    # -- attributes -----------------------------------------------------------------------------
+
+    def _store_attr(self, node: StoreNode) -> EntryAttributes:
+        a = EntryAttributes()
+        a.st_ino = InodeT(node.inode)
+        a.entry_timeout = self.cfg.store_ttl
+        a.attr_timeout = self.cfg.store_ttl
+        if node.kind in ("info", "blob"):
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+            if node.kind == "info":
+                assert node.layer is not None
+                a.st_size = len(info_json(node.layer.info, node.digest))
+            else:
+                assert node.layer is not None
+                a.st_size = node.layer.info.blob_size
+        else:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+        a.st_blksize = 4096
+        a.st_blocks = (a.st_size + 511) // 512
+        return a
+
+    def _layer_attr(self, inst: Instance, entry_id: int) -> EntryAttributes:
+        index = inst.layer.index
+        e = index.entry(entry_id)
+        a = EntryAttributes()
+        a.st_ino = InodeT(inst.inode(entry_id))
+        a.entry_timeout = self.cfg.layer_ttl
+        a.attr_timeout = self.cfg.layer_ttl
+        a.st_blksize = 4096
+        if is_whiteout_entry(index, entry_id):
+            # overlayfs whiteout: a character device 0/0.
+            a.st_mode = stat.S_IFCHR
+            a.st_nlink = 1
+            a.st_rdev = 0
+            a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = e.mtime_ns
+            return a
+        a.st_mode = _TYPE_BITS[e.type] | (e.mode & 0o7777)
+        a.st_nlink = e.nlink
+        a.st_uid = e.uid
+        a.st_gid = e.gid
+        if e.type == EntryType.REG:
+            a.st_size = e.size
+        elif e.type == EntryType.SYMLINK:
+            a.st_size = len(e.link.encode("utf-8", "surrogateescape"))
+        elif e.type == EntryType.DIR:
+            a.st_size = 4096
+        if e.type in (EntryType.CHAR, EntryType.BLOCK):
+            a.st_rdev = os.makedev(e.devmajor, e.devminor)
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = e.mtime_ns
+        return a
+
+    def _instance(self, inode: int) -> tuple[Instance, int]:
+        number, entry_id = split_inode(inode)
+        inst = self.ns.instances.get(number)
+        if inst is None or not 0 <= entry_id < len(inst.layer.index):
+            raise FUSEError(errno.ENOENT)
+        return inst, entry_id
+
+    def _node(self, inode: int) -> StoreNode:
+        node = self.ns.nodes.get(inode)
+        if node is None:
+            raise FUSEError(errno.ENOENT)
+        return node
+
+    def _attr(self, inode: int) -> EntryAttributes:
+        if inode >> INSTANCE_SHIFT:
+            inst, entry_id = self._instance(inode)
+            return self._layer_attr(inst, entry_id)
+        return self._store_attr(self._node(inode))
+
+    @_guard
+    async def getattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> EntryAttributes:
+        return self._attr(inode)
+
+    # -- lookup ---------------------------------------------------------------------------------
+
+    def _counted(self, attr: EntryAttributes) -> EntryAttributes:
+        """Count one kernel lookup of the returned inode."""
+        inode = int(attr.st_ino)
+        if inode >> INSTANCE_SHIFT:
+            self.ns.instances[inode >> INSTANCE_SHIFT].lookups += 1
+        else:
+            self.ns.nodes[inode].lookups += 1
+        return attr
+
+    @_guard
+    async def lookup(
+        self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> EntryAttributes:
+        if name == b".":
+            return self._counted(self._attr(parent_inode))
+        if parent_inode >> INSTANCE_SHIFT:
+            inst, dir_id = self._instance(parent_inode)
+            index = inst.layer.index
+            if name == b"..":
+                return self._counted(self._layer_attr(inst, index.entry(dir_id).parent))
+            if index.entry(dir_id).type != EntryType.DIR:
+                raise FUSEError(errno.ENOTDIR)
+            found = resolve_child(index, dir_id, name.decode("utf-8", "surrogateescape"))
+            if found is None:
+                raise FUSEError(errno.ENOENT)
+            cid, _ = found
+            target = index.entry(cid).target
+            return self._counted(self._layer_attr(inst, target if target >= 0 else cid))
+        parent = self._node(parent_inode)
+        if name == b"..":
+            return self._counted(self._attr(parent.parent))
+        inode = parent.children.get(name)
+        if inode is not None and inode in self.ns.nodes:
+            return self._counted(self._store_attr(self.ns.nodes[inode]))
+        if inode is None and name in parent.instances:
+            inst = parent.instances[name]
+            if inst.number in self.ns.instances:
+                return self._counted(self._layer_attr(inst, 0))
+        return self._counted(await self._lookup_new(parent, name))
+
+    async def _lookup_new(self, parent: StoreNode, name: bytes) -> EntryAttributes:
+        ns = self.ns
+        if parent.kind == "root":
+            ref = parse_ref_segment(name)
+            if ref is not None:
+                return self._store_attr(ns.add_node(parent, name, kind="ref", ref=ref))
+            ann = parse_annotation_segment(name)
+            if ann is not None:
+                node = ns.add_node(parent, name, kind="ann", annotations=(ann,))
+                return self._store_attr(node)
+            raise FUSEError(errno.ENOENT)
+        if parent.kind == "ref":
+            digest = name.decode("ascii", "replace")
+            if not is_digest(digest):
+                raise FUSEError(errno.ENOENT)
+            layer = await self.manager.lookup(parent.ref, digest)
+            node = ns.add_node(
+                parent, name, kind="layerdir", ref=parent.ref, digest=digest, layer=layer
+            )
+            node.instances[b"diff"] = ns.new_instance(layer, node.inode)
+            return self._store_attr(node)
+        if parent.kind == "layerdir":
+            assert parent.layer is not None
+            if name == b"diff":
+                inst = parent.instances.get(b"diff")
+                if inst is None or inst.number not in ns.instances:
+                    inst = ns.new_instance(parent.layer, parent.inode)
+                    parent.instances[b"diff"] = inst
+                return self._layer_attr(inst, 0)
+            if name in (b"info", b"blob"):
+                kind = name.decode()
+                node = ns.add_node(
+                    parent,
+                    name,
+                    kind=kind,
+                    ref=parent.ref,
+                    digest=parent.digest,
+                    layer=parent.layer,
+                )
+                return self._store_attr(node)
+            raise FUSEError(errno.ENOENT)  # includes "use": it never exists
+        if parent.kind == "ann":
+            layer_id = parse_rootfs_name(name)
+            if layer_id is not None:
+                return await self._lookup_rootfs(parent, name, layer_id)
+            ann = parse_annotation_segment(name)
+            if ann is not None:
+                anns = (*(a for a in parent.annotations if a[0] != ann[0]), ann)
+                return self._store_attr(ns.add_node(parent, name, kind="ann", annotations=anns))
+        raise FUSEError(errno.ENOENT)
+
+    async def _lookup_rootfs(
+        self, parent: StoreNode, name: bytes, layer_id: str
+    ) -> EntryAttributes:
+        anns = dict(parent.annotations)
+        ref, digest = anns.get(ANN_REFERENCE), anns.get(ANN_LAYER_DIGEST)
+        if not ref or not digest or not is_digest(digest):
+            log.info("rootfs lookup without reference and layerdigest annotations: ENOENT")
+            raise FUSEError(errno.ENOENT)
+        layer = await self.manager.lookup(ref, digest)
+        inst = parent.instances.get(name)
+        if inst is None or inst.number not in self.ns.instances:
+            inst = self.ns.new_instance(layer, parent.inode)
+            parent.instances[name] = inst
+        await trio.to_thread.run_sync(
+            self._link_layer_id, layer_id, self._path_of(parent) / name.decode()
+        )
+        return self._layer_attr(inst, 0)
+
+    def _path_of(self, node: StoreNode) -> Path:
+        parts: list[str] = []
+        while node.kind != "root":
+            parts.append(node.name.decode("ascii"))
+            node = self.ns.nodes[node.parent]
+        return self.cfg.pool.joinpath(*reversed(parts))
+
+    def _link_layer_id(self, layer_id: str, target: Path) -> None:
+        """Protocol 1: ``ROOT/<layer ID>`` -> the unpacked layer, replaced atomically."""
+        link = self.cfg.root / layer_id
+        try:
+            if os.readlink(link) == str(target):
+                return
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # exists and is not a symlink: leave it alone
+                log.warning("not replacing %s: it exists and is not a symlink", link)
+                return
+            raise
+        tmp = self.cfg.root / f".{layer_id}.tmp{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+        log.info("layer-link id=%s target=%s", layer_id, target)
+
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        # forget must never raise (not even FUSEError).
+        for inode, n in inode_list:
+            try:
+                self.ns.forget(int(inode), n)
+            except Exception:
+                self.internal_errors += 1
+                log.exception("internal error in forget(%d, %d)", inode, n)
+
+    # -- directories ----------------------------------------------------------------------------
+
+    @_guard
+    async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
+        if inode >> INSTANCE_SHIFT:
+            inst, dir_id = self._instance(inode)
+            if inst.layer.index.entry(dir_id).type != EntryType.DIR:
+                raise FUSEError(errno.ENOTDIR)
+            listing = self.ns.listing(inst, dir_id)
+            entries = [(n, inst.inode(self._resolved(inst, cid))) for n, cid in listing.entries]
+        else:
+            node = self._node(inode)
+            if node.kind in ("info", "blob"):
+                raise FUSEError(errno.ENOTDIR)
+            entries = sorted(
+                [(n, i) for n, i in node.children.items() if i in self.ns.nodes]
+                + [
+                    (n, inst.root_inode)
+                    for n, inst in node.instances.items()
+                    if inst.number in self.ns.instances
+                ]
+            )
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dir_handles[fh] = entries
+        return FileHandleT(fh)
+
+    @staticmethod
+    def _resolved(inst: Instance, cid: int) -> int:
+        target = inst.layer.index.entry(cid).target
+        return target if target >= 0 else cid
+
+    @_guard
+    async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dir_handles.get(int(fh))
+        if entries is None:
+            raise FUSEError(errno.EBADF)
+        for i in range(start_id, len(entries)):
+            name, inode = entries[i]
+            attr = self._attr(inode)
+            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                break
+            self._counted(attr)
+
+    @_guard
+    async def releasedir(self, fh: FileHandleT) -> None:
+        self._dir_handles.pop(int(fh), None)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    @_guard
+    async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise FUSEError(errno.EROFS)
+        if inode >> INSTANCE_SHIFT:
+            inst, entry_id = self._instance(inode)
+            e = inst.layer.index.entry(entry_id)
+            if e.type == EntryType.DIR:
+                raise FUSEError(errno.EISDIR)
+            if e.type != EntryType.REG:
+                raise FUSEError(errno.EACCES)
+            # The file handle is the inode: reads need no per-open state.
+            return FileInfo(fh=FileHandleT(inode), keep_cache=True)
+        node = self._node(inode)
+        if node.kind not in ("info", "blob"):
+            raise FUSEError(errno.EISDIR)
+        return FileInfo(fh=FileHandleT(inode), keep_cache=node.kind == "blob")
+
+    @_guard
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        inode = int(fh)
+        if inode >> INSTANCE_SHIFT:
+            inst, entry_id = self._instance(inode)
+            return await inst.layer.read(entry_id, off, size)
+        node = self._node(inode)
+        layer = node.layer
+        assert layer is not None
+        if node.kind == "info":
+            return info_json(layer.info, node.digest)[off : off + size]
+        return await layer.read_blob(off, size)
+
+    @_guard
+    async def release(self, fh: FileHandleT) -> None:
+        return None
+
+    @_guard
+    async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        if not inode >> INSTANCE_SHIFT:
+            raise FUSEError(errno.EINVAL)
+        inst, entry_id = self._instance(inode)
+        e = inst.layer.index.entry(entry_id)
+        if e.type != EntryType.SYMLINK:
+            raise FUSEError(errno.EINVAL)
+        return e.link.encode("utf-8", "surrogateescape")
+
+    # -- xattrs ---------------------------------------------------------------------------------
+
+    def _xattrs(self, inode: int) -> dict[bytes, bytes]:
+        if not inode >> INSTANCE_SHIFT:
+            self._node(inode)
+            return {}
+        inst, entry_id = self._instance(inode)
+        index = inst.layer.index
+        if is_whiteout_entry(index, entry_id):
+            return {}
+        e = index.entry(entry_id)
+        out = {k.encode("utf-8", "surrogateescape"): v for k, v in e.xattrs.items()}
+        if e.type == EntryType.DIR and self.ns.listing(inst, entry_id).opaque:
+            for name in OPAQUE_XATTRS:
+                out[name.encode()] = b"y"
+        return out
+
+    @_guard
+    async def getxattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self._xattrs(inode).get(name)
+        if value is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @_guard
+    async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return list(self._xattrs(inode))
+
+    @_guard
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = 4096
+        s.f_frsize = 4096
+        s.f_namemax = 255
+        return s
+
+    # -- the protocol's notifications, and refusals of every other change ------------------------
+
+    @_guard
+    async def create(
+        self,
+        parent_inode: InodeT,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[FileInfo, EntryAttributes]:
+        if not parent_inode >> INSTANCE_SHIFT:
+            node = self._node(parent_inode)
+            if node.kind == "layerdir" and name == b"use":
+                self.manager.use(node.ref, node.digest)
+                raise FUSEError(errno.ENOENT)  # what a notification-aware store answers
+        raise FUSEError(errno.EROFS)
+
+    @_guard
+    async def rmdir(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if not parent_inode >> INSTANCE_SHIFT:
+            parent = self._node(parent_inode)
+            child = self.ns.nodes.get(parent.children.get(name, 0))
+            if parent.kind == "ref" and child is not None and child.kind == "layerdir":
+                self.manager.release(child.ref, child.digest)
+                raise FUSEError(errno.ENOENT)
+            if parent.kind == "ref" and is_digest(name.decode("ascii", "replace")):
+                # Released by a podman that looked the layer up before a restart of the store.
+                self.manager.release(parent.ref, name.decode())
+                raise FUSEError(errno.ENOENT)
+        raise FUSEError(errno.EROFS)
+
+    @_guard
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: EntryAttributes,
+        fields: Any,
+        fh: FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> EntryAttributes:
+        self._attr(inode)
+        raise FUSEError(errno.EROFS)
+
+    @_guard
+    async def mkdir(
+        self, parent_inode: InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    @_guard
+    async def mknod(
+        self, parent_inode: InodeT, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    @_guard
+    async def unlink(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise FUSEError(errno.EROFS)
+
+    @_guard
+    async def symlink(
+        self, parent_inode: InodeT, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    @_guard
+    async def rename(
+        self,
+        parent_inode_old: InodeT,
+        name_old: bytes,
+        parent_inode_new: InodeT,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        raise FUSEError(errno.EROFS)
+
+    @_guard
+    async def link(
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    @_guard
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        raise FUSEError(errno.EROFS)
+
+    @_guard
+    async def setxattr(
+        self, inode: InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        raise FUSEError(errno.EROFS)
+
+    @_guard
+    async def removexattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise FUSEError(errno.EROFS)

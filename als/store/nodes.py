@@ -1,0 +1,180 @@
+"""The store's namespace as plain objects: store-level nodes and layer tree inodes.
+
+No pyfuse3 here: :mod:`als.store.fuse_ops` turns these into FUSE replies. Inode numbers below
+2**32 are store-level nodes (allocated); inodes above are computed from a layer *instance*
+number and an index entry id: ``(instance << 32) | (entry_id + 1)``, so a layer's tree needs
+no per-inode state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from als.formats import EntryType, LayerIndex
+from als.store.layers import Layer
+
+ROOT_INODE = 1
+INSTANCE_SHIFT = 32
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+
+
+@dataclass(eq=False)
+class StoreNode:
+    """A node outside any layer tree: root, reference, annotation, layer dir, info, blob."""
+
+    inode: int
+    kind: str  # "root", "ref", "ann", "layerdir", "info", "blob"
+    parent: int
+    name: bytes
+    ref: str = ""
+    digest: str = ""
+    annotations: tuple[tuple[str, str], ...] = ()
+    layer: Layer | None = None
+    # Layer trees shown below this node: b"diff" of a layer dir, b"rootfs.<id>" of an ann node.
+    instances: dict[bytes, Instance] = field(default_factory=dict)
+    lookups: int = 0
+    children: dict[bytes, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Instance:
+    """One place a layer's tree is shown (``<ref>/<digest>/diff`` or ``rootfs.<id>``)."""
+
+    number: int
+    layer: Layer
+    owner: int  # inode of the store node that shows it
+    lookups: int = 0
+
+    def inode(self, entry_id: int) -> int:
+        return (self.number << INSTANCE_SHIFT) | (entry_id + 1)
+
+    @property
+    def root_inode(self) -> int:
+        return self.inode(0)
+
+
+def split_inode(inode: int) -> tuple[int, int]:
+    """Layer tree inode -> (instance number, entry id)."""
+    return inode >> INSTANCE_SHIFT, (inode & 0xFFFFFFFF) - 1
+
+
+class Listing:
+    """A directory of a layer as overlayfs must see it: whiteouts translated, markers hidden."""
+
+    __slots__ = ("entries", "opaque")
+
+    def __init__(self, index: LayerIndex, dir_id: int) -> None:
+        out: list[tuple[bytes, int]] = []
+        opaque = False
+        for cid in index.children(dir_id):
+            name = index.entry(cid).name
+            if name == OPAQUE_MARKER:
+                opaque = True
+                continue
+            if name.startswith(WHITEOUT_PREFIX):
+                hidden = name[len(WHITEOUT_PREFIX) :]
+                if not hidden or index.child(dir_id, hidden) is not None:
+                    continue
+                name = hidden
+            out.append((name.encode("utf-8", "surrogateescape"), cid))
+        out.sort()
+        self.entries = out
+        self.opaque = opaque
+
+
+def resolve_child(index: LayerIndex, dir_id: int, name: str) -> tuple[int, bool] | None:
+    """Look ``name`` up in a layer directory: (entry id, is_whiteout) or None."""
+    if name.startswith(WHITEOUT_PREFIX):
+        return None  # whiteout files and the opaque marker are never visible by their own name
+    cid = index.child(dir_id, name)
+    if cid is not None:
+        return cid, False
+    wid = index.child(dir_id, WHITEOUT_PREFIX + name)
+    if wid is not None:
+        return wid, True
+    return None
+
+
+def is_whiteout_entry(index: LayerIndex, entry_id: int) -> bool:
+    e = index.entry(entry_id)
+    return (
+        e.type == EntryType.REG
+        and e.name.startswith(WHITEOUT_PREFIX)
+        and e.name != OPAQUE_MARKER
+        and e.size == 0
+    )
+
+
+class Namespace:
+    """Store-level node table and layer instances, with lookup counts."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, StoreNode] = {
+            ROOT_INODE: StoreNode(inode=ROOT_INODE, kind="root", parent=ROOT_INODE, name=b"")
+        }
+        self.nodes[ROOT_INODE].lookups = 1 << 62  # never forgotten
+        self.instances: dict[int, Instance] = {}
+        self._next_inode = itertools.count(ROOT_INODE + 1)
+        self._next_instance = itertools.count(1)
+        self.listings: OrderedDict[tuple[int, int], Listing] = OrderedDict()
+
+    def add_node(self, parent: StoreNode, name: bytes, **kw: object) -> StoreNode:
+        inode = next(self._next_inode)
+        if inode >= 1 << INSTANCE_SHIFT:  # pragma: no cover - 4 billion store nodes
+            raise OverflowError("store inode space exhausted")
+        node = StoreNode(inode=inode, parent=parent.inode, name=name, **kw)  # type: ignore[arg-type]
+        self.nodes[inode] = node
+        parent.children[name] = inode
+        return node
+
+    def new_instance(self, layer: Layer, owner: int) -> Instance:
+        inst = Instance(number=next(self._next_instance), layer=layer, owner=owner)
+        self.instances[inst.number] = inst
+        layer.instances += 1
+        return inst
+
+    def listing(self, inst: Instance, dir_id: int) -> Listing:
+        key = (inst.number, dir_id)
+        lst = self.listings.get(key)
+        if lst is None:
+            lst = Listing(inst.layer.index, dir_id)
+            self.listings[key] = lst
+            if len(self.listings) > 4096:
+                self.listings.popitem(last=False)
+        else:
+            self.listings.move_to_end(key)
+        return lst
+
+    def forget(self, inode: int, n: int) -> None:
+        if inode >> INSTANCE_SHIFT:
+            inst = self.instances.get(inode >> INSTANCE_SHIFT)
+            if inst is not None:
+                inst.lookups -= n
+                self._maybe_drop_instance(inst)
+            return
+        node = self.nodes.get(inode)
+        if node is None or node.kind == "root":
+            return
+        node.lookups -= n
+        if node.lookups <= 0:
+            self.drop_node(node)
+
+    def drop_node(self, node: StoreNode) -> None:
+        self.nodes.pop(node.inode, None)
+        parent = self.nodes.get(node.parent)
+        if parent is not None and parent.children.get(node.name) == node.inode:
+            del parent.children[node.name]
+        for inst in node.instances.values():
+            self._maybe_drop_instance(inst)
+
+    def _maybe_drop_instance(self, inst: Instance) -> None:
+        if inst.lookups > 0 or inst.owner in self.nodes:
+            return
+        if self.instances.pop(inst.number, None) is not None:
+            inst.layer.instances -= 1
+            for key in [k for k in self.listings if k[0] == inst.number]:
+                del self.listings[key]

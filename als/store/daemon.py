@@ -134,21 +134,26 @@ def fuse_options(cfg: StoreConfig) -> set[str]:
 def make_source(cfg: StoreConfig) -> Source:
     from als.registry import CredentialStore, RegistriesConf, RegistryClient
 
-    creds = CredentialStore.from_default_files(cfg.authfile)
+    creds = (
+        CredentialStore([cfg.authfile]) if cfg.authfile else CredentialStore.from_default_files()
+    )
     conf = RegistriesConf.load(cfg.registries_conf)
-    client = RegistryClient(
+    return RegistryClient(
         registries_conf=conf,
         credentials=creds,
         connect_timeout=cfg.connect_timeout,
         read_timeout=cfg.read_timeout,
-        platform=cfg.platform,
     )
-    return client
 
 
 async def serve(
-    cfg: StoreConfig, source: Source, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    cfg: StoreConfig,
+    source: Source,
+    *,
+    handle_signals: bool = True,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Mount and serve until SIGTERM/SIGINT (or ``pyfuse3.terminate()``), then unmount."""
     manager = LayerManager(source, cfg)
     ops = Operations(cfg, manager)
     pyfuse3.init(ops, str(cfg.pool), fuse_options(cfg))
@@ -170,7 +175,8 @@ async def serve(
                     if dropped:
                         log.info("released %d idle layer(s)", dropped)
 
-            nursery.start_soon(signals)
+            if handle_signals:
+                nursery.start_soon(signals)
             nursery.start_soon(housekeeping)
             log.info("als %s serving %s", __version__, cfg.pool)
             sd_notify("READY=1\nSTATUS=serving " + str(cfg.pool))

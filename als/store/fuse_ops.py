@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -62,12 +61,11 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
 def _guard(
-    fn: Callable[Concatenate[Operations, P], Awaitable[R]],
-) -> Callable[Concatenate[Operations, P], Awaitable[R]]:
+    fn: Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
     """Translate every failure into a FUSE errno; log what is not a plain FUSEError."""
 
-    @functools.wraps(fn)
-    async def wrapper(self: Operations, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(self, *args, **kwargs)
         except FUSEError:
@@ -83,10 +81,13 @@ def _guard(
             log.exception("internal error in %s%r", fn.__name__, args)
             raise FUSEError(errno.EIO) from None
 
+    wrapper.__name__ = fn.__name__
+    wrapper.__qualname__ = fn.__qualname__
+    wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
-class Operations(pyfuse3.Operations):  # type: ignore[misc]
+class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False

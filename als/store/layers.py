@@ -47,7 +47,9 @@ class ResolvedImageLike(Protocol):
 
 
 class Source(Protocol):
-    def resolve(self, ref: Any, *, deadline: float | None = None) -> ResolvedImageLike: ...
+    def resolve(
+        self, ref: Any, *, platform: str | None = None, deadline: float | None = None
+    ) -> ResolvedImageLike: ...
 
     def fetch_ranges(
         self,
@@ -368,7 +370,7 @@ class LayerManager:
         deadline = now + self.cfg.lookup_timeout
 
         def resolve() -> ResolvedImageLike:
-            return self.source.resolve(ref, deadline=deadline)
+            return self.source.resolve(ref, platform=self.cfg.platform, deadline=deadline)
 
         image = await self.limiters.net_call(resolve)
         self._images[ref] = (time.monotonic() + self.cfg.manifest_ttl, image)

@@ -1,0 +1,3 @@
+from als.store.daemon import main
+
+raise SystemExit(main())

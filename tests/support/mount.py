@@ -1,0 +1,166 @@
+"""Mount the store for tests: in a thread of the test process (fake sources), or as the real
+``als-mount`` command in a subprocess (real registries)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from als.store.config import StoreConfig
+
+FUSE_AVAILABLE = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+needs_fuse = pytest.mark.skipif(
+    not FUSE_AVAILABLE or os.geteuid() != 0, reason="needs root, /dev/fuse and fusermount3"
+)
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path.resolve())
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def wait_mounted(
+    path: Path, timeout: float = 20, proc: subprocess.Popen[Any] | None = None
+) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if is_mounted(path):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"als-mount exited with {proc.returncode} before mounting")
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} not mounted after {timeout}s")
+
+
+def force_unmount(path: Path) -> None:
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False, capture_output=True)
+
+
+class ThreadMount:
+    """The store served by ``als.store.daemon.serve`` in a background thread."""
+
+    def __init__(self, root: Path, source: Any, **cfg: Any) -> None:
+        self.cfg = StoreConfig(root=root, **cfg)
+        self.cfg.pool.mkdir(parents=True, exist_ok=True)
+        self.source = source
+        self.ops: Any = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="als-test-mount", daemon=True)
+
+    @property
+    def root(self) -> Path:
+        return self.cfg.root
+
+    @property
+    def pool(self) -> Path:
+        return self.cfg.pool
+
+    def _run(self) -> None:
+        from als.store.daemon import serve
+
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            async with trio.open_nursery() as n:
+                self.ops = await n.start(
+                    lambda task_status: serve(
+                        self.cfg, self.source, handle_signals=False, task_status=task_status
+                    )
+                )
+                self._ready.set()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def __enter__(self) -> ThreadMount:
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise RuntimeError("store failed to start") from self._error
+        wait_mounted(self.pool)
+        return self
+
+    def stop(self) -> None:
+        import pyfuse3
+
+        if self._token is not None and self._thread.is_alive():
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(pyfuse3.terminate, trio_token=self._token)
+        self._thread.join(30)
+        force_unmount(self.pool)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._error is not None and not isinstance(self._error, KeyboardInterrupt):
+            raise RuntimeError("store thread failed") from self._error
+
+    def layer_dir(self, ref: str, digest: str) -> Path:
+        return self.pool / b64(ref) / digest
+
+
+class ProcessMount:
+    """The real ``als-mount`` command in a subprocess, its log captured to a file."""
+
+    def __init__(self, root: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.pool = root / ".pool"
+        self.args = args
+        self.log_path = root.parent / f"{root.name}-als.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ProcessMount:
+        self.root.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "als.store", str(self.root), "--log-level", "debug", *self.args],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        logf.close()
+        wait_mounted(self.pool, proc=self.proc)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        force_unmount(self.pool)
+        return self.proc.returncode
+
+    def __enter__(self) -> ProcessMount:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -344,6 +344,7 @@ class RegistryServer:
         self._own_dir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(
             tempfile.mkdtemp(prefix="als-test-registry-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.tls = tls
         self.htpasswd = dict(htpasswd or {})
         self.token = token

@@ -29,6 +29,12 @@ def _extract(args: argparse.Namespace) -> int:
     return extract_blob(args)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from als.convert_cmd import convert_main
+
+    return convert_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="als", description="lazy-pulling layer store for podman")
     p.add_argument("--version", action="version", version=f"als {__version__}")
@@ -56,6 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="overlay: char 0/0 and opaque xattr (default); aufs: .wh. files as in the tar",
     )
     ext.set_defaults(func=_extract)
+
+    conv = sub.add_parser("convert", help="write a tar as a (lazily pullable) layer blob")
+    conv.add_argument("src", help="input tar, plain or gzip/zstd compressed (sniffed)")
+    conv.add_argument("dest", help="output blob file")
+    conv.add_argument(
+        "--format",
+        choices=["estargz", "estargz-zstd", "zstd-chunked", "zstd-chunked-1.43", "gzip", "zstd"],
+        default="estargz",
+        help="layer format (default: estargz)",
+    )
+    conv.add_argument(
+        "--chunk-size",
+        type=int,
+        metavar="N",
+        help="eStargz chunk size (default 4 MiB); zstd:chunked: fixed N-byte chunks instead of "
+        "the rolling checksum",
+    )
+    conv.add_argument(
+        "--prioritize",
+        action="append",
+        metavar="PATH",
+        help="eStargz: put PATH first, before .prefetch.landmark (repeatable)",
+    )
+    conv.add_argument("--prioritize-file", metavar="FILE", help="eStargz: paths, one per line")
+    conv.add_argument(
+        "--annotations-out", metavar="FILE", help="also write the layer annotations as JSON"
+    )
+    conv.set_defaults(func=_convert)
     return p
 
 

@@ -1,0 +1,138 @@
+"""``als convert``: turn a tar (plain, gzip or zstd) into a layer blob of a chosen format."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import tempfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import zstandard
+
+from als.errors import AlsError, ConfigError, FormatError
+from als.formats.writer import (
+    BuiltLayer,
+    build_estargz,
+    build_gzip,
+    build_zstd,
+    build_zstd_chunked,
+)
+
+DEFAULT_ESTARGZ_CHUNK = 4 << 20
+CONVERT_FORMATS = ("estargz", "estargz-zstd", "zstd-chunked", "zstd-chunked-1.43", "gzip", "zstd")
+
+
+def read_tar(data: bytes, *, name: str = "input") -> bytes:
+    """Return the uncompressed tar: gzip and zstd input is sniffed and decompressed."""
+    if data[:3] == b"\x1f\x8b\x08":
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise FormatError(f"{name}: invalid gzip data: {exc}") from None
+    if data[:4] == b"\x28\xb5\x2f\xfd":
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(
+                io.BytesIO(data), read_across_frames=True
+            ) as r:
+                return r.read()
+        except zstandard.ZstdError as exc:
+            raise FormatError(f"{name}: invalid zstd data: {exc}") from None
+    return data
+
+
+def convert(
+    tar: bytes,
+    fmt: str,
+    *,
+    chunk_size: int | None = None,
+    prioritized: Sequence[str] = (),
+) -> BuiltLayer:
+    """Build ``fmt`` (one of CONVERT_FORMATS) from an uncompressed tar."""
+    if chunk_size is not None and chunk_size <= 0:
+        raise ConfigError(f"--chunk-size must be positive, not {chunk_size}")
+    if prioritized and fmt not in ("estargz", "estargz-zstd"):
+        raise ConfigError(f"prioritized files need an eStargz format, not {fmt}")
+    if fmt in ("estargz", "estargz-zstd"):
+        return build_estargz(
+            tar,
+            compression="zstd" if fmt == "estargz-zstd" else "gzip",
+            prioritized=list(prioritized) or None,
+            chunk_size=chunk_size or DEFAULT_ESTARGZ_CHUNK,
+        )
+    if fmt in ("zstd-chunked", "zstd-chunked-1.43"):
+        layout: Literal["current", "1.43"] = "1.43" if fmt == "zstd-chunked-1.43" else "current"
+        if chunk_size:
+            return build_zstd_chunked(tar, layout=layout, chunking="fixed", chunk_size=chunk_size)
+        return build_zstd_chunked(tar, layout=layout)
+    if fmt == "gzip":
+        return build_gzip(tar)
+    if fmt == "zstd":
+        return build_zstd(tar)
+    raise ConfigError(f"unknown format {fmt!r}; choose from {', '.join(CONVERT_FORMATS)}")
+
+
+def describe(layer: BuiltLayer) -> dict[str, object]:
+    return {
+        "format": layer.format,
+        "digest": layer.digest,
+        "size": layer.size,
+        "diff_id": layer.diff_id,
+        "toc_digest": layer.toc_digest,
+        "media_type": layer.media_type,
+        "annotations": layer.annotations,
+    }
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path = path.absolute()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def convert_main(args: argparse.Namespace) -> int:
+    """CLI entry: writes the blob to DEST and prints a JSON description on stdout.
+
+    ``--annotations-out FILE`` also writes the layer annotations (a plain JSON object of
+    strings, the form ``als inspect --annotations`` reads).
+    """
+    src = Path(args.src)
+    try:
+        data = src.read_bytes()
+    except OSError as exc:
+        raise AlsError(f"cannot read {src}: {exc.strerror}") from None
+    prioritized = list(args.prioritize or [])
+    if args.prioritize_file:
+        try:
+            text = Path(args.prioritize_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise AlsError(f"cannot read {args.prioritize_file}: {exc.strerror}") from None
+        prioritized += [line.strip() for line in text.splitlines() if line.strip()]
+    layer = convert(
+        read_tar(data, name=str(src)),
+        args.format,
+        chunk_size=args.chunk_size,
+        prioritized=prioritized,
+    )
+    try:
+        _write_atomic(Path(args.dest), layer.blob)
+        if args.annotations_out:
+            _write_atomic(
+                Path(args.annotations_out),
+                (json.dumps(layer.annotations, indent=2, sort_keys=True) + "\n").encode(),
+            )
+    except OSError as exc:
+        raise AlsError(f"cannot write {exc.filename or args.dest}: {exc.strerror}") from None
+    print(json.dumps(describe(layer), indent=2))
+    return 0

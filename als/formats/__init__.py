@@ -1,0 +1,65 @@
+"""Readers for lazily-pullable layer formats (eStargz, eStargz-zstd, zstd:chunked).
+
+Pure functions over bytes: no network, no FUSE, no trio. See docs/formats.md.
+"""
+
+from __future__ import annotations
+
+from als.formats.decode import decode_chunk, iter_file, read_file, verify_file
+from als.formats.detect import (
+    ANN_MANIFEST_CHECKSUM,
+    ANN_MANIFEST_POSITION,
+    ANN_TOC_DIGEST,
+    Footer,
+    LayerAnnotations,
+    detect_format,
+    load_index,
+    parse_footer,
+    sniff_plain,
+)
+from als.formats.model import (
+    FORMATS,
+    LAZY_FORMATS,
+    MAX_DEPTH,
+    MAX_ENTRIES,
+    MAX_FILE_SIZE,
+    MAX_NAME,
+    MAX_PATH,
+    MAX_TOC_JSON,
+    Chunk,
+    Entry,
+    EntryType,
+    IndexBuilder,
+    LayerIndex,
+    ReadRanges,
+)
+
+__all__ = [
+    "ANN_MANIFEST_CHECKSUM",
+    "ANN_MANIFEST_POSITION",
+    "ANN_TOC_DIGEST",
+    "FORMATS",
+    "LAZY_FORMATS",
+    "MAX_DEPTH",
+    "MAX_ENTRIES",
+    "MAX_FILE_SIZE",
+    "MAX_NAME",
+    "MAX_PATH",
+    "MAX_TOC_JSON",
+    "Chunk",
+    "Entry",
+    "EntryType",
+    "Footer",
+    "IndexBuilder",
+    "LayerAnnotations",
+    "LayerIndex",
+    "ReadRanges",
+    "decode_chunk",
+    "detect_format",
+    "iter_file",
+    "load_index",
+    "parse_footer",
+    "read_file",
+    "sniff_plain",
+    "verify_file",
+]

@@ -143,6 +143,7 @@ class LayerIndex:
     layer: str
     toc_size: int  # compressed size of the TOC region as stored in the blob (0 if unknown)
     toc_json_size: int  # uncompressed TOC JSON size
+    root_listed: bool  # the TOC has an entry for the root directory itself ("./")
 
     def __init__(self) -> None:
         raise TypeError("LayerIndex is built by IndexBuilder")
@@ -159,6 +160,13 @@ class LayerIndex:
     def _name_bytes(self, i: int) -> bytes:
         off = self._noff
         return self._nblob[off[i] : off[i + 1]]
+
+    def entry_name(self, i: int) -> str:
+        """Last path component of entry ``i`` ("" for the root)."""
+        return self._name(i) if i else ""
+
+    def entry_parent(self, i: int) -> int:
+        return self._parent[i]
 
     def path(self, i: int) -> str:
         """The cleaned path of entry ``i`` ("" for the root)."""
@@ -730,6 +738,7 @@ class IndexBuilder:
         ix.layer = self.layer
         ix.toc_size = self.toc_size
         ix.toc_json_size = self.toc_json_size
+        ix.root_listed = bool(self._explicit[0])
 
         names = self._names
         encoded = [s.encode("utf-8") for s in names]

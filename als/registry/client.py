@@ -89,6 +89,19 @@ def _safe(text: object) -> str:
     return _QUERY_RE.sub("?<redacted>", s)
 
 
+class _RedactFilter(logging.Filter):
+    """Keep signed-URL query strings out of urllib3's debug log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "?" in msg or "@" in msg:
+            record.msg, record.args = _safe(msg), ()
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_RedactFilter())
+
+
 def host_platform() -> str:
     """This host's platform as ``os/arch[/variant]`` in OCI terms."""
     machine = _platform.machine().lower()
@@ -996,7 +1009,7 @@ class RegistryClient:
         return [(reg.start, bytes(buf)) for reg, buf in zip(batch, bufs, strict=True)]
 
     def open_blob(self, ref: ImageRef | str, digest: str, *, deadline: float | None = None,
-                  chunk_size: int = 1 << 20) -> Iterator[bytes]:
+                  chunk_size: int = 256 << 10) -> Iterator[bytes]:
         """Stream the whole blob. Broken transfers resume with a Range request; the digest is
         checked at the end and a mismatch raises VerifyError: consumers must not use (commit)
         the data before the iterator is exhausted without error."""

@@ -1,0 +1,319 @@
+"""A fault-injecting HTTP proxy to put in front of a real registry (or any HTTP server).
+
+``FaultProxy(upstream_url)`` listens on 127.0.0.1:<free port> and forwards every request to the
+upstream, recording method, path, Range header, status, bytes sent and whether an Authorization
+header came along (``records``). Faults are queued with ``add(Fault(...))``; each applies to the
+requests that match it (regex on ``"METHOD /path"``), ``times`` times (``None``: forever):
+
+=====================  ======================================================================
+kind                   effect
+=====================  ======================================================================
+``status``             answer ``status`` (e.g. 500/503/429) with optional ``Retry-After``
+``drop``               close the connection without answering
+``reset``              send headers and ``after_bytes`` of the body, then a TCP RST
+``truncate``           send headers (full Content-Length) and ``after_bytes``, then close
+``slow``               send the body in ``chunk``-byte pieces, ``delay`` seconds apart
+``corrupt``            flip the byte at ``corrupt_at`` of the body
+``ignore_range``       drop the Range header upstream: 200 and the whole body
+``refuse_multirange``  400 for a Range with several ranges
+``ignore_multirange``  drop a multi-range Range header upstream (200, whole body)
+``first_range_only``   forward only the first range of a multi-range request (206, one part)
+``redirect``           307 to a second listener (``redirect_host``, default 127.0.0.2) that
+                       serves the same upstream path, like object storage behind a signed URL;
+                       after ``expire_after`` uses a redirect URL answers 403
+=====================  ======================================================================
+
+Reused by the reliability tests: keep it general (no registry specifics beyond Location rewrite).
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import ssl
+import struct
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
+KINDS = {"status", "drop", "reset", "truncate", "slow", "corrupt", "ignore_range",
+         "refuse_multirange", "ignore_multirange", "first_range_only", "redirect"}
+
+
+@dataclass
+class Fault:
+    kind: str
+    match: str = ""  # regex searched in "METHOD /path?query"
+    times: int | None = 1
+    status: int = 503
+    retry_after: str | None = None
+    after_bytes: int = 0
+    delay: float = 0.0
+    chunk: int = 4096
+    corrupt_at: int = 0
+    only_ranged: bool = False  # only requests that carry a Range header
+    expire_after: int | None = None  # redirect: uses before the redirected URL answers 403
+    hits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}")
+
+
+@dataclass
+class Record:
+    listener: str  # "proxy" or "redirect"
+    method: str
+    path: str
+    range: str | None
+    status: int
+    bytes_sent: int
+    authorization: bool
+    fault: str | None = None
+
+
+@dataclass
+class _Ticket:
+    path: str
+    headers: dict[str, str] = field(repr=False)
+    uses: int = 0
+    expire_after: int | None = None
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, *, host: str = "127.0.0.1",
+                 redirect_host: str = "127.0.0.2",
+                 upstream_ssl: ssl.SSLContext | None = None) -> None:
+        u = urllib.parse.urlsplit(upstream)
+        self.upstream_scheme = u.scheme
+        self.upstream_netloc = u.netloc
+        self.upstream_ssl = upstream_ssl
+        self.bind_host = host
+        self.redirect_bind = redirect_host
+        self.faults: list[Fault] = []
+        self.records: list[Record] = []
+        self._tickets: dict[str, _Ticket] = {}
+        self._lock = threading.Lock()
+        self._servers: list[ThreadingHTTPServer] = []
+        self.port = 0
+        self.redirect_port = 0
+
+    # ---- public API ------------------------------------------------------------------------
+    @property
+    def host(self) -> str:
+        return f"{self.bind_host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    @property
+    def redirect_url(self) -> str:
+        return f"http://{self.redirect_bind}:{self.redirect_port}"
+
+    def add(self, fault: Fault) -> Fault:
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def reset_records(self) -> None:
+        with self._lock:
+            self.records.clear()
+
+    def requests_for(self, pattern: str, listener: str | None = None) -> list[Record]:
+        rx = re.compile(pattern)
+        with self._lock:
+            return [r for r in self.records if rx.search(f"{r.method} {r.path}")
+                    and (listener is None or r.listener == listener)]
+
+    @property
+    def request_count(self) -> int:
+        with self._lock:
+            return len(self.records)
+
+    @property
+    def bytes_sent(self) -> int:
+        with self._lock:
+            return sum(r.bytes_sent for r in self.records)
+
+    def start(self) -> FaultProxy:
+        self._servers.append(self._serve(self.bind_host, "proxy"))
+        self.port = self._servers[0].server_address[1]
+        self._servers.append(self._serve(self.redirect_bind, "redirect"))
+        self.redirect_port = self._servers[1].server_address[1]
+        return self
+
+    def stop(self) -> None:
+        for s in self._servers:
+            s.shutdown()
+            s.server_close()
+        self._servers.clear()
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- internals -------------------------------------------------------------------------
+    def _serve(self, host: str, listener: str) -> ThreadingHTTPServer:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self) -> None:
+                try:
+                    outer._handle(self, listener)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _any
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        srv = ThreadingHTTPServer((host, 0), Handler)
+        srv.daemon_threads = True
+        threading.Thread(target=srv.serve_forever, daemon=True, name=f"faultproxy-{listener}"
+                         ).start()
+        return srv
+
+    def _pick(self, method: str, path: str, has_range: bool) -> Fault | None:
+        key = f"{method} {path}"
+        with self._lock:
+            for f in self.faults:
+                if f.times is not None and f.hits >= f.times:
+                    continue
+                if f.only_ranged and not has_range:
+                    continue
+                if f.match and not re.search(f.match, key):
+                    continue
+                f.hits += 1
+                return f
+        return None
+
+    def _upstream(self, method: str, path: str, headers: dict[str, str], body: bytes | None
+                  ) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        conn: http.client.HTTPConnection
+        if self.upstream_scheme == "https":
+            conn = http.client.HTTPSConnection(self.upstream_netloc, timeout=60,
+                                               context=self.upstream_ssl)
+        else:
+            conn = http.client.HTTPConnection(self.upstream_netloc, timeout=60)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp.status, resp.reason, resp.getheaders(), data
+        finally:
+            conn.close()
+
+    def _handle(self, h: BaseHTTPRequestHandler, listener: str) -> None:
+        method = h.command
+        path = h.path
+        rng = h.headers.get("Range")
+        auth = h.headers.get("Authorization") is not None
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else None
+        fwd = {k: v for k, v in h.headers.items() if k.lower() not in HOP_HEADERS}
+        fwd["Host"] = self.upstream_netloc
+
+        if listener == "redirect":
+            ticket_id = urllib.parse.urlsplit(path).path.rsplit("/", 1)[-1]
+            with self._lock:
+                ticket = self._tickets.get(ticket_id)
+                if ticket is not None:
+                    ticket.uses += 1
+            if ticket is None or (ticket.expire_after is not None
+                                  and ticket.uses > ticket.expire_after):
+                self._respond(h, listener, method, path, rng, auth, 403, [], b"expired", None)
+                return
+            up_headers = {k: v for k, v in fwd.items() if k.lower() != "authorization"}
+            up_headers.update(ticket.headers)
+            status, _reason, headers, data = self._upstream(method, ticket.path, up_headers, None)
+            self._respond(h, listener, method, path, rng, auth, status, headers, data, None)
+            return
+
+        fault = self._pick(method, path, rng is not None)
+        kind = fault.kind if fault else None
+        if fault is not None and kind == "status":
+            extra = [("Retry-After", fault.retry_after)] if fault.retry_after else []
+            self._respond(h, listener, method, path, rng, auth, fault.status, extra, b"", kind)
+            return
+        if kind == "drop":
+            self._record(listener, method, path, rng, 0, 0, auth, kind)
+            h.close_connection = True
+            return
+        if kind == "refuse_multirange" and rng and "," in rng:
+            self._respond(h, listener, method, path, rng, auth, 400, [], b"no multi-range", kind)
+            return
+        if kind == "redirect" and fault is not None:
+            ticket_id = f"t{time.monotonic_ns()}{len(self._tickets)}"
+            saved = {k: v for k, v in fwd.items() if k.lower() == "authorization"}
+            with self._lock:
+                self._tickets[ticket_id] = _Ticket(path, saved, expire_after=fault.expire_after)
+            loc = f"{self.redirect_url}/blobstore/{ticket_id}?X-Signature=secret-{ticket_id}"
+            self._respond(h, listener, method, path, rng, auth, 307, [("Location", loc)], b"",
+                          kind)
+            return
+        if kind == "ignore_range" or (kind == "ignore_multirange" and rng and "," in rng):
+            fwd.pop("Range", None)
+        if kind == "first_range_only" and rng and "," in rng:
+            fwd["Range"] = rng.split(",", 1)[0]
+        status, _reason, headers, data = self._upstream(method, path, fwd, body)
+        headers = [(k, v.replace(f"{self.upstream_scheme}://{self.upstream_netloc}", self.url))
+                   if k.lower() == "location" else (k, v) for k, v in headers]
+        if kind == "corrupt" and fault is not None and data:
+            i = min(fault.corrupt_at, len(data) - 1)
+            data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
+        self._respond(h, listener, method, path, rng, auth, status, headers, data, kind,
+                      fault=fault)
+
+    def _record(self, listener: str, method: str, path: str, rng: str | None, status: int,
+                sent: int, auth: bool, kind: str | None) -> None:
+        with self._lock:
+            self.records.append(Record(listener, method, path, rng, status, sent, auth, kind))
+
+    def _respond(self, h: BaseHTTPRequestHandler, listener: str, method: str, path: str,
+                 rng: str | None, auth: bool, status: int, headers: list[tuple[str, str]],
+                 data: bytes, kind: str | None, fault: Fault | None = None) -> None:
+        h.send_response(status)
+        for k, v in headers:
+            if k.lower() not in HOP_HEADERS:
+                h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        payload = b"" if method == "HEAD" else data
+        sent = 0
+        if kind in ("reset", "truncate") and fault is not None:
+            part = payload[:fault.after_bytes]
+            h.wfile.write(part)
+            h.wfile.flush()
+            sent = len(part)
+            self._record(listener, method, path, rng, status, sent, auth, kind)
+            h.close_connection = True
+            if kind == "reset":
+                h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+            return
+        if kind == "slow" and fault is not None:
+            for i in range(0, len(payload), fault.chunk):
+                h.wfile.write(payload[i:i + fault.chunk])
+                h.wfile.flush()
+                sent += len(payload[i:i + fault.chunk])
+                time.sleep(fault.delay)
+        else:
+            h.wfile.write(payload)
+            sent = len(payload)
+        self._record(listener, method, path, rng, status, sent, auth, kind)

@@ -43,7 +43,7 @@ class CountingReader:
         self.calls.append(list(ranges))
         out = []
         for off, n in ranges:
-            assert 0 <= off and off + n <= len(self.blob), (off, n, len(self.blob))
+            assert off >= 0 and off + n <= len(self.blob), (off, n, len(self.blob))
             out.append(self.blob[off : off + n])
         return out
 

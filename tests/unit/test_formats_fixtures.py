@@ -1,4 +1,4 @@
-"""The readers against blobs written by the real Go producers (stargz-snapshotter 0.12, c/storage 1.43)."""
+"""Readers vs blobs written by the real Go producers (stargz-snapshotter 0.12, c/storage 1.43)."""
 
 from __future__ import annotations
 
@@ -37,15 +37,15 @@ README_POSITION = {
 
 
 def _in_tar() -> dict[str, tarfile.TarInfo]:
-    tf = tarfile.open(fileobj=io.BytesIO(go_blob("in.tar")))
-    return {m.name.rstrip("/"): m for m in tf.getmembers()}
+    with tarfile.open(fileobj=io.BytesIO(go_blob("in.tar"))) as tf:
+        return {m.name.rstrip("/"): m for m in tf.getmembers()}
 
 
 def _in_tar_content(name: str) -> bytes:
-    tf = tarfile.open(fileobj=io.BytesIO(go_blob("in.tar")))
-    f = tf.extractfile(name)
-    assert f is not None
-    return f.read()
+    with tarfile.open(fileobj=io.BytesIO(go_blob("in.tar"))) as tf:
+        f = tf.extractfile(name)
+        assert f is not None
+        return f.read()
 
 
 @pytest.mark.parametrize("name", GO_BLOBS)

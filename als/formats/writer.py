@@ -850,6 +850,7 @@ def tar_from_spec(
 ) -> bytes:
     """Build a tar from ``{path: content | FileSpec}``, deterministically, in the given order.
 
+    Names are written verbatim (absolute or ``..`` names included, for hostile-input tests).
     ``bytes`` values are regular files, ``str`` values regular files with UTF-8 text; a key
     ending in "/" is a directory (its value may be a FileSpec with the dir's attributes or
     anything else). With ``implied_dirs`` every missing parent directory is written (0755,
@@ -860,7 +861,7 @@ def tar_from_spec(
     norm: dict[str, FileSpec] = {}
     for key, value in spec.items():
         is_dir = key.endswith("/")
-        path = key.strip("/") if key not in ("/", "./") else key
+        path = key.rstrip("/") if is_dir else key  # kept verbatim: tests write hostile names too
         if isinstance(value, FileSpec):
             fs = value
         elif is_dir:

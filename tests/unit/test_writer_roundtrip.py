@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -205,10 +206,19 @@ def specs(draw: st.DrawFn) -> dict[str, FileSpec]:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(spec=specs(), fmt=st.sampled_from(LAZY_FORMATS), chunk=st.sampled_from([512, 1000, 4096]))
-def test_generated_specs_round_trip(spec: dict[str, FileSpec], fmt: str, chunk: int) -> None:
-    kwargs = {"chunk_size": chunk} if fmt in ("estargz", "estargz-zstd", "stargz-legacy") else {}
-    layer = make_layer(spec, fmt, **kwargs)  # type: ignore[arg-type]
+@given(
+    spec=specs(),
+    fmt=st.sampled_from(LAZY_FORMATS),
+    chunk=st.sampled_from([512, 1000, 4096]),
+    min_chunk=st.sampled_from([0, 0, 3000]),
+)
+def test_generated_specs_round_trip(
+    spec: dict[str, FileSpec], fmt: str, chunk: int, min_chunk: int
+) -> None:
+    kwargs: dict[str, Any] = {}
+    if fmt in ("estargz", "estargz-zstd", "stargz-legacy"):
+        kwargs = {"chunk_size": chunk, "min_chunk_size": min_chunk}
+    layer = make_layer(spec, fmt, **kwargs)
     check_spec(layer, spec)
     tar = make_tar(spec)
     if fmt.startswith("zstd-chunked"):

@@ -72,10 +72,13 @@ def ustar_header(name: str, size: int) -> bytes:
     return bytes(h)
 
 
-def toc_bytes(toc: Any) -> bytes:
+def toc_bytes(toc: Any, *, indent: bool = True) -> bytes:
+    """TOC JSON as stargz-snapshotter (tab-indented) or containers/storage (compact) write it."""
     if isinstance(toc, bytes):
         return toc
-    return json.dumps(toc, indent="\t").encode()
+    if indent:
+        return json.dumps(toc, indent="\t").encode()
+    return json.dumps(toc, separators=(",", ":")).encode()
 
 
 def wrap_estargz(region: bytes, toc: Any, *, legacy: bool = False) -> bytes:
@@ -97,13 +100,18 @@ def skippable(payload: bytes) -> bytes:
 
 
 def wrap_zstd(
-    region: bytes, toc: Any, *, footer: int = 40, magic: bytes | None = None
+    region: bytes,
+    toc: Any,
+    *,
+    footer: int = 40,
+    magic: bytes | None = None,
+    indent: bool = False,
 ) -> tuple[bytes, dict[str, str]]:
     """data region + skippable(zstd(TOC)) [+ skippable(tar-split)] + skippable(footer).
 
     Returns the blob and the zstd:chunked annotations (new-style keys) describing it.
     """
-    js = toc_bytes(toc)
+    js = toc_bytes(toc, indent=indent)
     comp = zst(js)
     blob = region + skippable(comp)
     off = len(region) + 8

@@ -496,7 +496,6 @@ def build_estargz(
 
 _ROLL_WINDOW = 64
 _ROLL_CHAR_OFFSET = 31
-_ROLL_S1_INIT = _ROLL_WINDOW * _ROLL_CHAR_OFFSET
 _ROLL_S2_INIT = _ROLL_WINDOW * (_ROLL_WINDOW - 1) * _ROLL_CHAR_OFFSET
 _ZERO_RUN = re.compile(rb"\x00{%d,}" % _HOLE_THRESHOLD)
 
@@ -505,22 +504,44 @@ def _holes(data: bytes) -> list[tuple[int, int]]:
     return [(m.start(), m.end()) for m in _ZERO_RUN.finditer(data)]
 
 
-def _rollsum_splits(
-    data: bytes, start: int, end: int, s1: int, s2: int
-) -> tuple[list[int], int, int]:
-    """bup rollsum (window 64) over data[start:end]; split after a byte when the low 16 bits of
-    s2 are all ones. Bytes before ``start`` are the window's history. Returns the split
-    positions (offset after the byte) and the final (s1, s2), both kept modulo 2**16."""
-    splits: list[int] = []
-    mv = data
-    for i in range(start, end):
-        b = mv[i]
-        drop = mv[i - _ROLL_WINDOW] if i >= _ROLL_WINDOW else 0
-        s1 = (s1 + b - drop) & 0xFFFF
-        s2 = (s2 + s1 - _ROLL_WINDOW * (drop + _ROLL_CHAR_OFFSET)) & 0xFFFF
-        if s2 == 0xFFFF:
-            splits.append(i + 1)
-    return splits, s1, s2
+_ROLL_BLOCK = 1 << 22  # bytes per big-integer pass (bounds the memory used)
+_LANE = 3  # bytes per lane: a window sum is at most 255 * 2080 < 2**24
+
+
+def _rollsum_split_points(data: bytes) -> list[int]:
+    """Offsets ``i + 1`` for every byte ``i`` after which the rolling checksum says "split".
+
+    bup rollsum, window 64: after byte i, s2 = S2_INIT + sum((j + 1) * data[i - j], j < 64)
+    modulo 2**32 (bytes before the file count as zeros); c/storage splits when the low 16 bits
+    of s2 are all ones. The weighted window sums are computed for a whole block at once with
+    integer arithmetic: the bytes become 24-bit lanes of one big integer x, and
+    x * sum((j + 1) * z**j) with z = 2**24 equals
+    (x * (1 - 65 * z**64 + 64 * z**65)) / (z - 1)**2, which needs only shifts, small
+    multiplications and two divisions by a one-digit number.
+    """
+    target = (0xFFFF - _ROLL_S2_INIT) & 0xFFFF
+    pattern = re.compile(b"(?=" + re.escape(bytes([target & 0xFF, target >> 8])) + b")")
+    bits = 8 * _LANE
+    lane_max = (1 << bits) - 1
+    out: list[int] = []
+    for a in range(0, len(data), _ROLL_BLOCK):
+        lo = max(0, a - (_ROLL_WINDOW - 1))  # the window's history
+        seg = data[lo : a + _ROLL_BLOCK]
+        m = len(seg)
+        lanes = bytearray(_LANE * m)
+        lanes[0::_LANE] = seg
+        x = int.from_bytes(lanes, "little")
+        y = x + ((x * 64) << (bits * 65)) - ((x * 65) << (bits * 64))
+        sums = y // lane_max // lane_max
+        raw = sums.to_bytes(max(_LANE * m, (sums.bit_length() + 7) // 8), "little")
+        low16 = bytearray(2 * m)
+        low16[0::2] = raw[0 : _LANE * m : _LANE]
+        low16[1::2] = raw[1 : _LANE * m : _LANE]
+        for hit in pattern.finditer(low16):
+            p = hit.start()
+            if p % 2 == 0 and lo + p // 2 >= a:
+                out.append(lo + p // 2 + 1)
+    return out
 
 
 def rollsum_chunks(
@@ -534,15 +555,22 @@ def rollsum_chunks(
     """
     n = len(data)
     holes = _holes(data) if zero_runs else []
+    splits = [] if fixed else _rollsum_split_points(data)
     out: list[tuple[int, int, bool]] = []
-    s1, s2 = _ROLL_S1_INIT & 0xFFFF, _ROLL_S2_INIT & 0xFFFF
+    k = 0  # index into splits
     pos = 0
     for hs, he in [*holes, (n, n)]:
         if pos < hs:
             if fixed:
                 cuts = list(range(pos + fixed, hs, fixed))
             else:
-                cuts, s1, s2 = _rollsum_splits(data, pos, hs, s1, s2)
+                # split checks happen on data bytes only, never inside a hole
+                while k < len(splits) and splits[k] <= pos:
+                    k += 1
+                cuts = []
+                while k < len(splits) and splits[k] <= hs:
+                    cuts.append(splits[k])
+                    k += 1
             prev = pos
             for c in [*cuts, hs]:
                 if c > prev:
@@ -550,10 +578,6 @@ def rollsum_chunks(
                     prev = c
         if he > hs:
             out.append((hs, he, True))
-            if he - hs >= _ROLL_WINDOW:
-                s1, s2 = _ROLL_S1_INIT & 0xFFFF, _ROLL_S2_INIT & 0xFFFF
-            else:  # pragma: no cover - holes are >= 1024 bytes
-                _, s1, s2 = _rollsum_splits(data, hs, he, s1, s2)
         pos = he
     return out
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import zstandard
 
+from als.formats import writer
 from als.formats.tarsplit import assemble_tar, scan_tar
 from als.formats.writer import (
     LEGACY_MANIFEST_CHECKSUM,
@@ -245,7 +246,7 @@ def reference_rollsum_chunks(data: bytes) -> list[tuple[int, int, bool]]:
     return out
 
 
-def test_rollsum_matches_a_direct_transcription() -> None:
+def test_rollsum_matches_a_direct_transcription(monkeypatch: pytest.MonkeyPatch) -> None:
     rnd = random.Random(3)
     data = (
         rnd.randbytes(150_000) + bytes(1023) + rnd.randbytes(70_000) + bytes(1024)
@@ -256,6 +257,12 @@ def test_rollsum_matches_a_direct_transcription() -> None:
     assert sum(b - a for a, b, _ in got) == len(data)
     assert [b - a for a, b, z in got if z] == [1024, 2000, 3000]
     assert len([c for c in got if not c[2]]) > 3  # content-defined splits happened
+    # the block-wise computation gives the same splits whatever the block size
+    monkeypatch.setattr(writer, "_ROLL_BLOCK", 4099)
+    assert rollsum_chunks(data) == got
+    no_holes = rollsum_chunks(data, zero_runs=False)
+    assert not any(z for _, _, z in no_holes)
+    assert sum(b - a for a, b, _ in no_holes) == len(data)
 
 
 def test_rollsum_boundaries_are_content_defined() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,9 @@ class Podman:
     def __init__(self, base: Path, registries_conf: Path, als_pool: Path | None = None) -> None:
         self.base = base
         self.graphroot = base / "graph"
-        self.runroot = base / "run"
+        # podman's cleanup process refuses a runroot longer than 50 characters (and then
+        # `podman run --rm` waits 20 s for it): keep it short, outside the test's tmp dir.
+        self.runroot = Path(tempfile.mkdtemp(prefix="als-pm-", dir="/tmp"))
         self.base.mkdir(parents=True, exist_ok=True)
         self.storage_conf = base / "storage.conf"
         opts = ""
@@ -98,4 +101,4 @@ class Podman:
     def reset(self) -> None:
         self("system", "reset", "--force", check=False, timeout=120)
         shutil.rmtree(self.base / "graph", ignore_errors=True)
-        shutil.rmtree(self.base / "run", ignore_errors=True)
+        shutil.rmtree(self.runroot, ignore_errors=True)

@@ -238,3 +238,24 @@ def test_expired_redirect_is_refreshed(token_proxy: tuple[FaultProxy, str, Simpl
         proxy.clear()
     redirected = [r.status for r in proxy.records if r.listener == "redirect"]
     assert 403 in redirected and redirected.count(206) == 3
+
+
+def test_http_proxy_from_environment(fp: Setup, registry: RegistryServer,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(k, fp.proxy.url)
+    for k in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(k, "example.invalid")
+    ref = f"{registry.host}/faults/app:v1"
+    with _client() as c:
+        assert c.resolve(ref).layers[0].digest == fp.layer.digest
+        assert c.fetch_ranges(ref, fp.layer.digest, [(7, 7)]) == [fp.layer.blob[7:14]]
+    paths = [r.path for r in fp.proxy.records]
+    assert any(p.startswith(f"http://{registry.host}/v2/faults/app/blobs/") for p in paths)
+    # ...and NO_PROXY is honoured.
+    fp.proxy.reset_records()
+    for k in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(k, "127.0.0.1")
+    with _client() as c:
+        c.resolve(ref)
+    assert fp.proxy.records == []

@@ -15,7 +15,13 @@ from als.errors import RegistryError, VerifyError
 from als.registry import RegistryClient
 from tests.integration.conftest import TOKEN_USERS, TokenRegistry
 from tests.support.faultproxy import Fault, FaultProxy
-from tests.support.registry import RegistryServer, SimpleLayer, make_tar_layer, push_image
+from tests.support.registry import (
+    RegistryServer,
+    SimpleLayer,
+    free_port,
+    make_tar_layer,
+    push_image,
+)
 
 pytestmark = pytest.mark.registry
 
@@ -259,3 +265,12 @@ def test_http_proxy_from_environment(fp: Setup, registry: RegistryServer,
     with _client() as c:
         c.resolve(ref)
     assert fp.proxy.records == []
+
+
+def test_dead_registry_fails_within_the_deadline() -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    with _client(max_retry_time=30) as c:
+        t0 = time.monotonic()
+        with pytest.raises(RegistryError, match="giving up"):
+            c.resolve(f"{dead}/x/y:z", deadline=time.monotonic() + 1.0)
+        assert time.monotonic() - t0 < 1.5

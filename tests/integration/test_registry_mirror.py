@@ -10,7 +10,13 @@ import pytest
 from als.errors import ConfigError
 from als.registry import RegistriesConf, RegistryClient
 from tests.integration.conftest import MirrorPair
-from tests.support.registry import SimpleLayer, free_port, make_tar_layer, push_image
+from tests.support.registry import (
+    RegistryServer,
+    SimpleLayer,
+    free_port,
+    make_tar_layer,
+    push_image,
+)
 
 pytestmark = pytest.mark.registry
 
@@ -97,3 +103,16 @@ def test_blocked_registry(mirror_pair: MirrorPair) -> None:
                                     certs_dirs=[])
     with RegistryClient(registries_conf=conf) as c, pytest.raises(ConfigError, match="blocked"):
         c.resolve(f"{up.host}/mir/app:v1")
+
+
+def test_mirror_without_the_image_falls_back(mirror_pair: MirrorPair, registry: RegistryServer,
+                                             upstream_image: tuple[SimpleLayer, str]) -> None:
+    """A plain registry configured as a mirror that does not have the image answers 404."""
+    layer, digest = upstream_image
+    up = mirror_pair.upstream
+    mark = registry.mark()
+    with RegistryClient(registries_conf=_conf(up.host, registry.host)) as c:
+        img = c.resolve(f"{up.host}/mir/app:v1")
+        assert img.manifest_digest == digest and img.source == f"{up.host}/mir/app"
+        assert c.fetch_ranges(img.ref, layer.digest, [(3, 3)]) == [layer.blob[3:6]]
+    assert {e.status for e in registry.access_log(since=mark) if "/mir/app/" in e.path} == {404}

@@ -498,6 +498,11 @@ class RegistryServer:
             f.seek(since)
             return parse_access_log(f.read().decode(errors="replace"))
 
+    def access_log_lines(self) -> list[str]:
+        """The raw access-log lines (combined log format), after letting the log settle."""
+        self.access_log()
+        return self.access_log_path.read_text(errors="replace").splitlines()
+
     def mark(self) -> int:
         """The current end of the access log: pass it as ``since=`` to see only newer entries."""
         self.access_log()

@@ -373,7 +373,7 @@ def split_path(raw: str, what: str = "path") -> list[str]:
     Leading ``/`` and ``./`` are dropped (tar strips them too); ``..`` anywhere, NUL bytes and
     names that are not valid Unicode are refused rather than normalised.
     """
-    r = raw[:-1] if raw.endswith("/") else raw
+    r = raw.rstrip("/")
     if (
         r
         and r.isascii()

@@ -15,7 +15,7 @@ import requests
 from als.errors import AuthError, RegistryError
 from als.registry import CredentialStore, RegistriesConf, RegistryClient
 from tests.integration.conftest import BASIC_USERS, TOKEN_USERS, TLSRegistry, TokenRegistry
-from tests.support.registry import make_tar_layer, push_image
+from tests.support.registry import RegistryServer, TLSMaterial, make_tar_layer, push_image
 
 pytestmark = pytest.mark.registry
 
@@ -263,3 +263,24 @@ def test_registry_token_direct_check(token_registry: TokenRegistry) -> None:
     r = requests.get(f"{token_registry.server.url}/v2/tok/app/tags/list",
                      headers={"Authorization": f"Bearer {tok}"}, timeout=10)
     assert r.status_code in (200, 404)
+
+
+def test_mutual_tls_client_certificate(tmp_path: Path) -> None:
+    from tests.support.registry import registry_available
+
+    if not registry_available():
+        pytest.skip("docker-registry (distribution) is not installed")
+    tls = TLSMaterial.create(tmp_path / "tls")
+    with RegistryServer(tmp_path / "reg", tls=tls, client_certs=True) as reg:
+        layer = make_tar_layer({"m": b"mtls"})
+        push_image(reg, "mtls/app", "v1", [layer])
+        ref = f"{reg.host}/mtls/app:v1"
+        only_ca = tmp_path / "only-ca"
+        tls.write_certs_d(only_ca, reg.host)
+        with RegistryClient(registries_conf=_conf(only_ca), max_retry_time=2) as c, \
+                pytest.raises(RegistryError):
+            c.resolve(ref)
+        with_client = tmp_path / "with-client"
+        tls.write_certs_d(with_client, reg.host, client_cert=True)
+        with RegistryClient(registries_conf=_conf(with_client)) as c:
+            assert c.resolve(ref).layers[0].digest == layer.digest

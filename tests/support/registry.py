@@ -83,6 +83,8 @@ class TLSMaterial:
     ca_pem: Path
     cert_pem: Path
     key_pem: Path
+    client_cert: Path  # a client certificate from the same CA, for mutual TLS
+    client_key: Path
 
     @classmethod
     def create(cls, directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost")
@@ -99,13 +101,22 @@ class TLSMaterial:
         # The server certificate file holds the chain (leaf first), as Go expects.
         cert_pem.write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
         cert.private_key_pem.write_to_path(str(key_pem))
-        return cls(ca_pem, cert_pem, key_pem)
+        client = ca.issue_cert("als-test-client")
+        client_cert = directory / "client.cert"
+        client_key = directory / "client.key"
+        client.cert_chain_pems[0].write_to_path(str(client_cert))
+        client.private_key_pem.write_to_path(str(client_key))
+        return cls(ca_pem, cert_pem, key_pem, client_cert, client_key)
 
-    def write_certs_d(self, root: Path, host: str) -> Path:
-        """``root/<host>/ca.crt``, the containers-certs.d(5) layout."""
+    def write_certs_d(self, root: Path, host: str, *, client_cert: bool = False) -> Path:
+        """``root/<host>/ca.crt`` (and ``client.cert``/``client.key``), as in
+        containers-certs.d(5)."""
         d = root / host
         d.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.ca_pem, d / "ca.crt")
+        if client_cert:
+            shutil.copyfile(self.client_cert, d / "client.cert")
+            shutil.copyfile(self.client_key, d / "client.key")
         return d
 
 
@@ -330,7 +341,8 @@ def parse_access_log(text: str) -> list[AccessEntry]:
 class RegistryServer:
     """``docker-registry serve`` on 127.0.0.1:<free port> with its own storage dir.
 
-    ``tls`` turns on HTTPS; ``htpasswd`` (user -> password, needs ``tls``) turns on basic auth;
+    ``tls`` turns on HTTPS (``client_certs=True``: and requires client certificates signed by
+    the test CA); ``htpasswd`` (user -> password, needs ``tls``) turns on basic auth;
     ``token`` (a started ``TokenServer``) turns on bearer-token auth; ``proxy_remote`` (a URL)
     makes it a pull-through cache of another registry.
     """
@@ -338,7 +350,8 @@ class RegistryServer:
     def __init__(self, workdir: Path | None = None, *, tls: TLSMaterial | None = None,
                  htpasswd: Mapping[str, str] | None = None, token: TokenServer | None = None,
                  proxy_remote: str | None = None, proxy_username: str | None = None,
-                 proxy_password: str | None = None, startup_timeout: float = 20.0) -> None:
+                 proxy_password: str | None = None, startup_timeout: float = 20.0,
+                 client_certs: bool = False) -> None:
         if htpasswd and tls is None:
             raise ValueError("htpasswd auth needs TLS")
         self._own_dir = workdir is None
@@ -346,6 +359,7 @@ class RegistryServer:
             tempfile.mkdtemp(prefix="als-test-registry-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tls = tls
+        self.client_certs = client_certs
         self.htpasswd = dict(htpasswd or {})
         self.token = token
         self.proxy_remote = proxy_remote
@@ -385,6 +399,8 @@ class RegistryServer:
         if self.tls:
             cfg["http"]["tls"] = {"certificate": str(self.tls.cert_pem),
                                   "key": str(self.tls.key_pem)}
+            if self.client_certs:
+                cfg["http"]["tls"]["clientcas"] = [str(self.tls.ca_pem)]
         if self.htpasswd:
             path = make_htpasswd(self.workdir / "htpasswd", self.htpasswd)
             cfg["auth"] = {"htpasswd": {"realm": "als-test", "path": str(path)}}
@@ -425,7 +441,7 @@ class RegistryServer:
                 return False
             try:
                 r = requests.get(f"{self.url}/v2/", timeout=1, verify=verify,
-                                 proxies={"http": "", "https": ""})
+                                 proxies={"http": "", "https": ""}, cert=self._cert())
                 if r.status_code in (200, 401):
                     return True
             except requests.RequestException:
@@ -468,12 +484,18 @@ class RegistryServer:
         self.close()
 
     # -- direct HTTP access for test setup
+    def _cert(self) -> tuple[str, str] | None:
+        if self.tls and self.client_certs:
+            return str(self.tls.client_cert), str(self.tls.client_key)
+        return None
+
     def session(self) -> requests.Session:
         """A requests session that can talk to this registry directly (auth, CA, no proxy)."""
         s = requests.Session()
         s.trust_env = False
         if self.tls:
             s.verify = str(self.tls.ca_pem)
+            s.cert = self._cert()
         if self.htpasswd:
             user, password = next(iter(self.htpasswd.items()))
             s.auth = (user, password)

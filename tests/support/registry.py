@@ -418,8 +418,8 @@ class RegistryServer:
 
     def start(self) -> RegistryServer:
         last = ""
-        for _ in range(3):
-            if self.port == 0 or self.proc is not None:
+        for attempt in range(3):
+            if self.port == 0 or attempt > 0:  # keep the port when started again after stop()
                 self.port = free_port()
             cfg_path = self.workdir / "config.yml"
             cfg_path.write_text(json.dumps(self._config(), indent=1))  # JSON is YAML

@@ -233,9 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     cfg.root = cfg.root.absolute()
     try:
-        cfg.pool.mkdir(parents=True, exist_ok=True)
+        cfg.root.mkdir(parents=True, exist_ok=True)
         with root_lock(cfg.root):
-            cleanup_stale_mount(cfg.pool)
+            cleanup_stale_mount(cfg.pool)  # before touching .pool: a dead mount fails every call
+            cfg.pool.mkdir(exist_ok=True)
             source = make_source(cfg)
             trio.run(serve, cfg, source)
     except AlsError as exc:

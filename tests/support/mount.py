@@ -41,7 +41,11 @@ def wait_mounted(
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if is_mounted(path):
-            return
+            try:
+                os.listdir(path)  # a stale mount left by a killed daemon is listed but dead
+                return
+            except OSError:
+                pass
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"als-mount exited with {proc.returncode} before mounting")
         time.sleep(0.05)

@@ -1,0 +1,108 @@
+"""The real ``als-mount`` process: readiness, one instance per root, clean and unclean stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from als.errors import ConfigError
+from als.store.config import StoreConfig
+from tests.support.mount import ProcessMount, is_mounted, needs_fuse, wait_mounted
+
+pytestmark = [needs_fuse, pytest.mark.fuse]
+
+
+def test_sigterm_unmounts_cleanly(tmp_path: Path) -> None:
+    m = ProcessMount(tmp_path / "root").start()
+    assert is_mounted(m.pool)
+    assert m.stop() == 0
+    assert not is_mounted(m.pool)
+    assert "unmounted" in m.log()
+
+
+def test_second_instance_refuses(tmp_path: Path) -> None:
+    with ProcessMount(tmp_path / "root") as m:
+        assert m.proc is not None
+        p = subprocess.run(
+            [sys.executable, "-m", "als.store", str(m.root)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert p.returncode == 1
+        assert f"another als-mount (pid {m.proc.pid})" in p.stderr
+        assert is_mounted(m.pool)
+
+
+def test_stale_mount_after_kill_is_cleaned_up(tmp_path: Path) -> None:
+    m = ProcessMount(tmp_path / "root").start()
+    assert m.proc is not None
+    m.proc.send_signal(signal.SIGKILL)
+    m.proc.wait()
+    # the kernel mount is left behind, dead
+    with pytest.raises(OSError):
+        os.listdir(m.pool)
+    m2 = ProcessMount(tmp_path / "root").start()
+    try:
+        assert os.listdir(m2.pool) == []
+        assert "stale mount" in m2.log()
+    finally:
+        m2.stop()
+
+
+def test_sd_notify_ready(tmp_path: Path) -> None:
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(20)
+        m = ProcessMount(tmp_path / "root", env={"NOTIFY_SOCKET": str(sock_path)}).start()
+        try:
+            msg = sock.recv(4096).decode()
+            assert "READY=1" in msg
+            assert is_mounted(m.pool)
+        finally:
+            m.stop()
+        assert "STOPPING=1" in sock.recv(4096).decode()
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "als.toml"
+    cfg.write_text("lookup_timeout = 'soon'\n")
+    p = subprocess.run(
+        [sys.executable, "-m", "als.store", str(tmp_path / "root"), "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert p.returncode == 2
+    assert "lookup_timeout must be a non-negative number" in p.stderr
+    assert not (tmp_path / "root" / ".pool").exists() or not is_mounted(tmp_path / "root" / ".pool")
+
+
+def test_config_file_and_overrides(tmp_path: Path) -> None:
+    cfg = tmp_path / "als.toml"
+    cfg.write_text("lookup_timeout = 3\nmemory_cache_mb = 16\nlog_level = 'debug'\n")
+    c = StoreConfig.load(str(cfg), {"memory_cache_mb": 32, "root": str(tmp_path)})
+    assert (c.lookup_timeout, c.memory_cache_mb, c.log_level) == (3.0, 32, "debug")
+    assert c.pool == tmp_path / ".pool"
+    cfg.write_text("no_such_option = 1\n")
+    with pytest.raises(ConfigError, match="unknown config option"):
+        StoreConfig.load(str(cfg))
+    with pytest.raises(ConfigError, match="cannot read"):
+        StoreConfig.load(str(tmp_path / "missing.toml"))
+
+
+def test_wait_helper_notices_early_exit(tmp_path: Path) -> None:
+    p = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RuntimeError):
+        wait_mounted(tmp_path, timeout=5, proc=p)
+    time.sleep(0)

@@ -661,9 +661,13 @@ class IndexBuilder:
         """Size of the regular file whose chunks are being added (0 if none)."""
         return self._size[self._open_file] if self._open_file >= 0 else 0
 
-    def add_hidden_data(self, name: str, coffset: int) -> None:
-        """Record the data offset of a hidden format file (a landmark) at the layer root."""
+    def add_hidden_data(self, name: str, coffset: int | None) -> None:
+        """Record a hidden format file (a landmark) at the layer root and its data offset."""
         self._close_file()
+        if coffset is None:
+            if name == NO_PREFETCH_LANDMARK:
+                self.no_prefetch = True
+            return
         if not 0 <= coffset < self.toc_offset:
             raise FormatError(
                 f"layer {self.layer}: {name}: data offset {coffset} outside [0, {self.toc_offset})"

@@ -219,8 +219,8 @@ def build_index(
             if hidden is not None:
                 in_file = et == EntryType.REG
                 skip_chunks = True
-                if in_file and _int(e, "size", MAX_FILE_SIZE) > 0 and "offset" in e:
-                    b.add_hidden_data(hidden, _int(e, "offset", _MAX_OFFSET))
+                has_data = in_file and _int(e, "size", MAX_FILE_SIZE) > 0 and "offset" in e
+                b.add_hidden_data(hidden, _int(e, "offset", _MAX_OFFSET) if has_data else None)
                 continue
             skip_chunks = False
             g = e.get

@@ -8,15 +8,17 @@ log has a ``layer-ready ... lazy=true`` line per layer.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support.layers import FileSpec, make_layer
+from tests.support.layers import FileSpec, make_layer, make_tar
 from tests.support.mount import ProcessMount, needs_fuse
 from tests.support.podman import PODMAN, Podman, write_registries_conf
 from tests.support.registry import RegistryServer, push_image, registry_available
@@ -116,7 +118,7 @@ def test_lazy_pull_and_run(
     tmp_path: Path,
 ) -> None:
     prioritized = ["bin/busybox", "bin/sh", "etc/motd", "etc/os-release"]
-    kw = {"prioritized": prioritized} if fmt.startswith("estargz") else {}
+    kw: dict[str, Any] = {"prioritized": prioritized} if fmt.startswith("estargz") else {}
     layers = [make_layer(base_spec(), fmt, **kw), make_layer(UPPER, fmt)]
     repo = f"e2e/{fmt.replace('.', '-')}"
     push_image(registry, repo, "1", layers)
@@ -160,3 +162,48 @@ def test_plain_gzip_falls_back(
         assert f"layer-refused ref={ref}" in als.log()
     finally:
         pm.reset()
+
+
+def test_podman_pushed_zstd_chunked(tmp_path: Path) -> None:
+    """An image that podman 4.3.1 itself pushed as zstd:chunked (containers/storage 1.43)."""
+    # A registry of its own: podman reuses (as gzip) any layer the registry already has.
+    with RegistryServer(tmp_path / "reg") as reg:
+        conf = write_registries_conf(tmp_path / "registries.conf", [reg.host])
+        builder = Podman(tmp_path / "builder", conf)
+        tar = tmp_path / "rootfs.tar"
+        tar.write_bytes(make_tar(base_spec()))
+        builder("import", str(tar), "localhost/e2e-src:1")
+        ref = f"{reg.host}/e2e/podman-zstd:1"
+        builder(
+            "push",
+            "--tls-verify=false",
+            "--compression-format",
+            "zstd:chunked",
+            "localhost/e2e-src:1",
+            ref,
+        )
+        builder.reset()
+        manifest = (
+            reg.session()
+            .get(
+                f"{reg.url}/v2/e2e/podman-zstd/manifests/1",
+                headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+                timeout=10,
+            )
+            .json()
+        )
+        (desc,) = manifest["layers"]
+        assert "io.containers.zstd-chunked.manifest-checksum" in desc["annotations"]
+        with ProcessMount(tmp_path / "als2", "--registries-conf", str(conf)) as store:
+            pm = Podman(tmp_path / "podman", conf, als_pool=store.pool)
+            try:
+                mark = reg.mark()
+                pm.pull(ref)
+                out = pm.run(ref, "sh", "-c", "cat /etc/motd; sha256sum /data/read.bin").stdout
+                assert out.startswith("lower motd\n")
+                assert hashlib.sha256(READ).hexdigest() in out
+                assert len(pm.layer_diff_links()) == 1
+                assert reg.blob_bytes_sent(desc["digest"], since=mark) < 0.5 * desc["size"]
+                assert f"digest={desc['digest']} format=zstd-chunked lazy=true" in store.log()
+            finally:
+                pm.reset()

@@ -49,6 +49,7 @@ def fp(setup: Setup) -> Iterator[Setup]:
     setup.proxy.reset_records()
     yield setup
     setup.proxy.clear()
+    assert setup.proxy.errors == []  # the proxy itself never failed
 
 
 def _client(**kw: float) -> RegistryClient:

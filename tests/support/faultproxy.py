@@ -98,6 +98,7 @@ class FaultProxy:
         self.redirect_bind = redirect_host
         self.faults: list[Fault] = []
         self.records: list[Record] = []
+        self.errors: list[str] = []  # unexpected exceptions in the proxy's handlers
         self._tickets: dict[str, _Ticket] = {}
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
@@ -175,7 +176,7 @@ class FaultProxy:
             def _any(self) -> None:
                 try:
                     outer._handle(self, listener)
-                except (BrokenPipeError, ConnectionResetError):
+                except OSError:  # the client hung up (as clients do on faulty responses)
                     self.close_connection = True
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _any
@@ -183,8 +184,19 @@ class FaultProxy:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        srv = ThreadingHTTPServer((host, 0), Handler)
-        srv.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # Clients hanging up on a faulty response are expected; keep anything else.
+                import sys
+
+                exc = sys.exc_info()[1]
+                if not isinstance(exc, OSError):
+                    with outer._lock:
+                        outer.errors.append(repr(exc))
+
+        srv = Server((host, 0), Handler)
         threading.Thread(target=srv.serve_forever, daemon=True, name=f"faultproxy-{listener}"
                          ).start()
         return srv

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -17,6 +17,7 @@ import trio
 
 from als.errors import AlsError, FormatError, NotFound, NotLazy, RegistryError, VerifyError
 from als.formats import Chunk, LayerIndex, decode_chunk, load_index, verify_file
+from als.registry.client import LayerDescriptor
 from als.store.config import StoreConfig
 from als.store.protocol import UNCOMPRESSED_SIZE_ANNOTATION, LayerInfo, toc_digest_of
 
@@ -25,25 +26,13 @@ T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------------
-# What the store needs from a registry client (als.registry.RegistryClient satisfies it).
-
-
-class LayerDescriptorLike(Protocol):
-    @property
-    def digest(self) -> str: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def media_type(self) -> str: ...
-    @property
-    def annotations(self) -> Mapping[str, str]: ...
-    @property
-    def diff_id(self) -> str | None: ...
+# What the store needs from a registry client (als.registry.RegistryClient satisfies it;
+# tests use an in-process fake).
 
 
 class ResolvedImageLike(Protocol):
     @property
-    def layers(self) -> Sequence[LayerDescriptorLike]: ...
+    def layers(self) -> Sequence[LayerDescriptor]: ...
 
 
 class Source(Protocol):
@@ -378,7 +367,7 @@ class LayerManager:
 
     async def _resolve(self, ref: str, digest: str) -> Layer:
         image = await self._image(ref)
-        desc: LayerDescriptorLike | None = None
+        desc: LayerDescriptor | None = None
         for d in image.layers:
             if d.digest == digest or toc_digest_of(d.annotations) == digest:
                 desc = d

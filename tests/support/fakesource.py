@@ -9,25 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from als.errors import NotFound, RegistryError
-
-
-@dataclass(frozen=True)
-class FakeDescriptor:
-    digest: str
-    size: int
-    media_type: str
-    annotations: Mapping[str, str]
-    diff_id: str | None
+from als.registry.client import LayerDescriptor
 
 
 @dataclass(frozen=True)
 class FakeImage:
-    layers: tuple[FakeDescriptor, ...]
+    layers: tuple[LayerDescriptor, ...]
 
 
 @dataclass
@@ -48,7 +40,7 @@ class FakeSource:
         for layer in layers:
             self.blobs[layer.digest] = layer.blob
             descs.append(
-                FakeDescriptor(
+                LayerDescriptor(
                     digest=layer.digest,
                     size=len(layer.blob),
                     media_type=layer.media_type,

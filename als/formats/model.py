@@ -95,6 +95,12 @@ class Entry:
 
 
 _ZERO32 = bytes(32)
+_T_REG = int(EntryType.REG)
+_T_DIR = int(EntryType.DIR)
+_T_SYMLINK = int(EntryType.SYMLINK)
+_T_HARDLINK = int(EntryType.HARDLINK)
+_T_CHAR = int(EntryType.CHAR)
+_T_BLOCK = int(EntryType.BLOCK)
 _EMPTY_XATTRS: Mapping[str, bytes] = MappingProxyType({})
 _CH_HAS_DIGEST = 1
 _CH_ZEROS = 2
@@ -559,7 +565,7 @@ class IndexBuilder:
             raise self._fail(_ew(raw_name), str(exc)) from None
         if not (0 <= size <= MAX_FILE_SIZE and 0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
             raise self._fail(_ew(raw_name), "size, uid or gid out of range")
-        if etype != EntryType.REG:
+        if etype != _T_REG:
             size = 0  # only regular files have data; tar's size field is meaningless otherwise
             digest = None
         nparts = len(parts)
@@ -575,7 +581,7 @@ class IndexBuilder:
         paths = self._paths
         i_old: int | None
         if not nparts:
-            if etype != EntryType.DIR:
+            if etype != _T_DIR:
                 raise self._fail(_ew(raw_name), "the layer root must be a directory")
             i_old = 0
             path = ""
@@ -584,11 +590,11 @@ class IndexBuilder:
             cur = paths.get(path[: -len(parts[-1]) - 1], -1) if nparts > 1 else 0
             if cur < 0:
                 cur = self._make_parents(parts, raw_name)
-            elif self._type[cur] != EntryType.DIR:
+            elif self._type[cur] != _T_DIR:
                 raise self._fail(_ew(raw_name), "its parent is not a directory")
             i_old = paths.get(path)
         if i_old is not None:
-            if self._explicit[i_old] or etype != EntryType.DIR:
+            if self._explicit[i_old] or etype != _T_DIR:
                 raise self._fail(_ew(raw_name), f"duplicate entry for path {path!r}")
             i = i_old  # an implied directory (or the root), now listed
             self._explicit[i] = 1
@@ -626,15 +632,15 @@ class IndexBuilder:
             self._chstart.append(len(self._c_off))
         if xattrs:
             self._xattrs[i] = xattrs
-        if etype == EntryType.REG:
+        if etype == _T_REG:
             if size:
                 self._open_file = i
                 self._open_next = 0
-        elif etype == EntryType.SYMLINK:
+        elif etype == _T_SYMLINK:
             if not link or "\x00" in link or len(link.encode("utf-8", "surrogatepass")) > MAX_PATH:
                 raise self._fail(_ew(raw_name), "invalid symlink target")
             self._links[i] = link
-        elif etype == EntryType.HARDLINK:
+        elif etype == _T_HARDLINK:
             try:
                 tparts = split_path(link, "hardlink target")
             except ValueError as exc:
@@ -645,12 +651,12 @@ class IndexBuilder:
                 raise self._fail(
                     _ew(raw_name), f"hardlink target {tpath!r} is not an earlier entry"
                 )
-            if self._type[t] == EntryType.DIR:
+            if self._type[t] == _T_DIR:
                 raise self._fail(_ew(raw_name), f"hardlink target {tpath!r} is a directory")
             if self._target[t] >= 0:
                 t = self._target[t]
             self._target[i] = t
-        elif etype in (EntryType.CHAR, EntryType.BLOCK):
+        elif etype in (_T_CHAR, _T_BLOCK):
             if not (0 <= devmajor <= MAX_ID and 0 <= devminor <= MAX_ID):
                 raise self._fail(_ew(raw_name), "device numbers out of range")
             if devmajor or devminor:
@@ -782,7 +788,7 @@ class IndexBuilder:
         regular_files = 0
         size = self._size
         for i in range(n):
-            if typ[i] == EntryType.REG:
+            if typ[i] == _T_REG:
                 regular_files += 1
                 regular_bytes += size[i]
                 if not tdigest[i]:
@@ -826,7 +832,7 @@ class IndexBuilder:
             t = target[i]
             if t >= 0:
                 nlink[t] += 1
-            if typ[i] == EntryType.DIR:
+            if typ[i] == _T_DIR:
                 nlink[i] += 1
                 if i:
                     nlink[parent[i]] += 1

@@ -29,6 +29,11 @@ from als.formats.model import (
     split_path,
 )
 
+_REG = int(EntryType.REG)
+_SYMLINK = int(EntryType.SYMLINK)
+_HARDLINK = int(EntryType.HARDLINK)
+_CHAR = int(EntryType.CHAR)
+_BLOCK = int(EntryType.BLOCK)
 _TYPES = {
     "reg": EntryType.REG,
     "dir": EntryType.DIR,
@@ -126,7 +131,7 @@ def _xattrs(v: object) -> dict[str, bytes] | None:
     return out or None
 
 
-_HIDDEN_SUFFIXES = ("stargz.index.json", "landmark", "/")
+_HIDDEN_SUFFIXES = ("stargz.index.json", "landmark")
 
 
 def _hidden_name(name: str) -> str | None:
@@ -215,9 +220,13 @@ def build_index(
             et = _TYPES.get(t) if type(t) is str else None
             if et is None:
                 raise ValueError(f"unknown entry type {t!r:.40}")
-            hidden = _hidden_name(name) if name.endswith(_HIDDEN_SUFFIXES) else None
+            hidden = (
+                _hidden_name(name)
+                if name.endswith(_HIDDEN_SUFFIXES) or name.rstrip("/").endswith(_HIDDEN_SUFFIXES)
+                else None
+            )
             if hidden is not None:
-                in_file = et == EntryType.REG
+                in_file = et == _REG
                 skip_chunks = True
                 has_data = in_file and _int(e, "size", MAX_FILE_SIZE) > 0 and "offset" in e
                 b.add_hidden_data(hidden, _int(e, "offset", _MAX_OFFSET) if has_data else None)
@@ -262,16 +271,16 @@ def build_index(
             dg = None
             link = ""
             devmajor = devminor = 0
-            if et == EntryType.REG:
+            if et == _REG:
                 size = g("size", 0)
                 if type(size) is not int or not 0 <= size <= MAX_FILE_SIZE:
                     raise ValueError(f"field 'size' must be an integer in [0, {MAX_FILE_SIZE}]")
                 dg = g("digest")
                 if dg is not None:
                     digest = parse_digest(dg)
-            elif et in (EntryType.SYMLINK, EntryType.HARDLINK):
+            elif et in (_SYMLINK, _HARDLINK):
                 link = _str(e, "linkName")
-            elif et in (EntryType.CHAR, EntryType.BLOCK):
+            elif et in (_CHAR, _BLOCK):
                 devmajor = _int(e, "devMajor", MAX_ID)
                 devminor = _int(e, "devMinor", MAX_ID)
             xa = g("xattrs")
@@ -291,7 +300,7 @@ def build_index(
                 _xattrs(xa) if xa is not None else None,
                 digest,
             )
-            in_file = et == EntryType.REG
+            in_file = et == _REG
             if in_file and size:
                 if "offset" not in e:
                     raise ValueError("regular file with data has no 'offset'")

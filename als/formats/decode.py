@@ -92,9 +92,10 @@ def is_gzip_format(fmt: str) -> bool:
     return fmt in _GZIP_FORMATS
 
 
-def _where(index: LayerIndex, path: str) -> str:
-    layer = f"layer {index.layer}: " if index.layer else ""
-    return f"{layer}{path or '<file>'}"
+def _where(index: LayerIndex, path: str, layer: str = "") -> str:
+    name = index.layer or layer
+    prefix = f"layer {name}: " if name else ""
+    return f"{prefix}{path or '<file>'}"
 
 
 def decode_chunk(index: LayerIndex, chunk: Chunk, data: bytes, *, path: str = "") -> bytes:
@@ -161,14 +162,14 @@ def iter_file(
                 total += c.cend - c.coffset
             k += 1
         ranges = [(c.coffset, c.cend - c.coffset) for c in group if not c.zeros]
-        datas = iter(read(ranges)) if ranges else iter(())
+        got = read(ranges) if ranges else []
+        if len(got) != len(ranges):
+            raise FormatError(f"{_where(index, path, layer)}: read returned {len(got)} ranges")
+        datas = iter(got)
         for c in group:
             data = b"" if c.zeros else next(datas)
             if not c.zeros and len(data) != c.cend - c.coffset:
-                raise FormatError(
-                    f"{_where(index, path)}: short read at blob offset {c.coffset}"
-                    + (f" ({layer})" if layer and layer != index.layer else "")
-                )
+                raise FormatError(f"{_where(index, path, layer)}: short read at {c.coffset}")
             piece = decode_chunk(index, c, data, path=path)
             if h is not None:
                 h.update(piece)
@@ -177,7 +178,8 @@ def iter_file(
         actual = "sha256:" + h.hexdigest()
         if actual != expected:
             raise VerifyError(
-                f"{_where(index, path)}: file digest mismatch: expected {expected}, got {actual}"
+                f"{_where(index, path, layer)}: file digest mismatch: "
+                f"expected {expected}, got {actual}"
             )
 
 

@@ -637,7 +637,11 @@ class IndexBuilder:
                 self._open_file = i
                 self._open_next = 0
         elif etype == _T_SYMLINK:
-            if not link or "\x00" in link or len(link.encode("utf-8", "surrogatepass")) > MAX_PATH:
+            try:
+                blen = len(link.encode("utf-8"))
+            except UnicodeEncodeError:
+                blen = -1
+            if not link or "\x00" in link or not 0 < blen <= MAX_PATH:
                 raise self._fail(_ew(raw_name), "invalid symlink target")
             self._links[i] = link
         elif etype == _T_HARDLINK:

@@ -117,7 +117,11 @@ def _xattrs(v: object) -> dict[str, bytes] | None:
         raise ValueError("too many xattrs")
     out: dict[str, bytes] = {}
     for k, b64 in v.items():
-        if not k or "\x00" in k or len(k.encode("utf-8", "surrogatepass")) > MAX_NAME:
+        try:
+            klen = len(k.encode("utf-8"))
+        except UnicodeEncodeError:
+            klen = -1
+        if not 0 < klen <= MAX_NAME or "\x00" in k:
             raise ValueError(f"invalid xattr name {k!r:.60}")
         if type(b64) is not str:
             raise ValueError(f"xattr {k!r:.60} value must be a base64 string")

@@ -6,12 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from als.errors import AlsError
+from als.extract import extract_index
 from als.formats import EntryType, LayerIndex, load_index, read_file
 from tests.unit.conftest import (
     GO_BLOBS,
@@ -166,3 +169,29 @@ def test_valid_layers_roundtrip(data: bytes, chunk: int, zstd: bool) -> None:
         assert read_file(ix, i, r) == content
         assert ix.entry(i).digest == sha256(content)
     check_invariants(ix, r)
+
+
+@settings(
+    max_examples=int(os.environ.get("ALS_HYPOTHESIS_EXAMPLES", "60")),
+    deadline=5000,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(st.lists(_entry, max_size=10), st.sampled_from(["overlay", "aufs"]))
+def test_random_tocs_extract_inside_dest_only(entries: list[dict[str, Any]], wh: str) -> None:
+    region, toc = simple_layer({"x": b"hello", "y/z": bytes(600)})
+    toc["entries"] += entries
+    blob = wrap_estargz(region, toc)
+    r = CountingReader(blob)
+    try:
+        ix = load_index(r, len(blob))
+    except AlsError:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        dest = base / "dest"
+        with contextlib.suppress(AlsError):  # only AlsError may come out
+            extract_index(ix, r, dest, whiteouts=wh)
+        # nothing but DEST was created next to it
+        assert sorted(p.name for p in base.iterdir()) == ["dest"]
+        for dirpath, _dirs, _files in os.walk(dest):
+            os.chmod(dirpath, 0o700)  # let TemporaryDirectory clean up read-only dirs

@@ -114,7 +114,7 @@ def test_retries_are_bounded_by_the_deadline(fp: Setup) -> None:
         t0 = time.monotonic()
         with pytest.raises(RegistryError, match="giving up") as info:
             c.fetch_ranges(fp.ref, fp.layer.digest, [(0, 10)], deadline=time.monotonic() + 0.8)
-        assert time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 < 3.0  # bounded (generous margin for loaded CI hosts)
         assert "503" in str(info.value) and fp.layer.digest in str(info.value)
     with _client(max_retry_time=0.5) as c2, pytest.raises(RegistryError, match="giving up"):
         c2.fetch_ranges(fp.ref, fp.layer.digest, [(0, 10)])
@@ -126,8 +126,8 @@ def test_retry_after_beyond_deadline_gives_up_at_once(fp: Setup) -> None:
         fp.proxy.add(Fault("status", match=BLOB, status=503, retry_after="30", times=None))
         t0 = time.monotonic()
         with pytest.raises(RegistryError, match="giving up"):
-            c.fetch_ranges(fp.ref, fp.layer.digest, [(0, 10)], deadline=time.monotonic() + 2)
-        assert time.monotonic() - t0 < 1.0
+            c.fetch_ranges(fp.ref, fp.layer.digest, [(0, 10)], deadline=time.monotonic() + 6)
+        assert time.monotonic() - t0 < 3.0  # did not sleep until the deadline
 
 
 def test_wrong_bytes_in_manifest_config_and_blob_are_errors(fp: Setup) -> None:
@@ -274,4 +274,4 @@ def test_dead_registry_fails_within_the_deadline() -> None:
         t0 = time.monotonic()
         with pytest.raises(RegistryError, match="giving up"):
             c.resolve(f"{dead}/x/y:z", deadline=time.monotonic() + 1.0)
-        assert time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 < 3.0  # not max_retry_time (30 s)

@@ -373,11 +373,11 @@ def _ew(raw_name: str) -> str:
     return f"entry {raw_name[:300]!r}"
 
 
-def split_path(raw: str, what: str = "path") -> list[str]:
-    """Clean a tar path the way tar does (``/a/./b/`` -> ``[a, b]``); refuse anything unsafe.
+def clean_path(raw: str, what: str = "path") -> str:
+    """Clean a tar path the way tar does (``/a/./b/`` -> ``a/b``); refuse anything unsafe.
 
     Leading ``/`` and ``./`` are dropped (tar strips them too); ``..`` anywhere, NUL bytes and
-    names that are not valid Unicode are refused rather than normalised.
+    names that are not valid Unicode are refused rather than normalised. "" is the root.
     """
     r = raw.rstrip("/")
     if (
@@ -389,7 +389,12 @@ def split_path(raw: str, what: str = "path") -> list[str]:
         and "//" not in r
         and r[0] not in "./"
     ):
-        return r.split("/")  # fast path: clean, short ASCII path
+        return r  # fast path: already clean, short ASCII path
+    return "/".join(split_path(raw, what))
+
+
+def split_path(raw: str, what: str = "path") -> list[str]:
+    """:func:`clean_path` as a list of components ([] for the root)."""
     if "\x00" in raw:
         raise ValueError(f"{what} contains a NUL byte")
     parts = raw.split("/")
@@ -560,7 +565,7 @@ class IndexBuilder:
         if self._open_file >= 0:
             self._close_file()
         try:
-            parts = split_path(raw_name)
+            path = clean_path(raw_name)
         except ValueError as exc:
             raise self._fail(_ew(raw_name), str(exc)) from None
         if not (0 <= size <= MAX_FILE_SIZE and 0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
@@ -568,8 +573,7 @@ class IndexBuilder:
         if etype != _T_REG:
             size = 0  # only regular files have data; tar's size field is meaningless otherwise
             digest = None
-        nparts = len(parts)
-        if nparts == 1 and parts[0] in HIDDEN_ROOT_NAMES:
+        if path in HIDDEN_ROOT_NAMES:
             return None
         uname_ix = self._names_ix.get(uname)
         if uname_ix is None:
@@ -580,18 +584,22 @@ class IndexBuilder:
         mode &= 0o7777
         paths = self._paths
         i_old: int | None
-        if not nparts:
+        if not path:
             if etype != _T_DIR:
                 raise self._fail(_ew(raw_name), "the layer root must be a directory")
             i_old = 0
-            path = ""
         else:
-            path = "/".join(parts) if nparts > 1 else parts[0]
-            cur = paths.get(path[: -len(parts[-1]) - 1], -1) if nparts > 1 else 0
-            if cur < 0:
-                cur = self._make_parents(parts, raw_name)
-            elif self._type[cur] != _T_DIR:
-                raise self._fail(_ew(raw_name), "its parent is not a directory")
+            k = path.rfind("/")
+            if k < 0:
+                cur = 0
+                name = path
+            else:
+                name = path[k + 1 :]
+                cur = paths.get(path[:k], -1)
+                if cur < 0:
+                    cur = self._make_parents(path.split("/"), raw_name)
+                elif self._type[cur] != _T_DIR:
+                    raise self._fail(_ew(raw_name), "its parent is not a directory")
             i_old = paths.get(path)
         if i_old is not None:
             if self._explicit[i_old] or etype != _T_DIR:
@@ -609,7 +617,7 @@ class IndexBuilder:
             if i > MAX_ENTRIES:
                 raise self._fail("TOC", f"more than {MAX_ENTRIES} entries")
             paths[path] = i
-            self._names.append(parts[-1])
+            self._names.append(name)
             self._parent.append(cur)
             self._type.append(etype)
             self._explicit.append(1)
@@ -646,10 +654,9 @@ class IndexBuilder:
             self._links[i] = link
         elif etype == _T_HARDLINK:
             try:
-                tparts = split_path(link, "hardlink target")
+                tpath = clean_path(link, "hardlink target")
             except ValueError as exc:
                 raise self._fail(_ew(raw_name), str(exc)) from None
-            tpath = "/".join(tparts)
             t = paths.get(tpath)
             if t is None or not self._explicit[t] or t == i:
                 raise self._fail(

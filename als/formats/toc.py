@@ -16,7 +16,6 @@ from typing import Any
 
 from als.errors import FormatError
 from als.formats.model import (
-    HIDDEN_ROOT_NAMES,
     MAX_FILE_SIZE,
     MAX_ID,
     MAX_NAME,
@@ -26,7 +25,7 @@ from als.formats.model import (
     EntryType,
     IndexBuilder,
     LayerIndex,
-    split_path,
+    clean_path,
 )
 
 _REG = int(EntryType.REG)
@@ -135,19 +134,6 @@ def _xattrs(v: object) -> dict[str, bytes] | None:
     return out or None
 
 
-_HIDDEN_SUFFIXES = ("stargz.index.json", "landmark")
-
-
-def _hidden_name(name: str) -> str | None:
-    try:
-        parts = split_path(name)
-    except ValueError:
-        return None
-    if len(parts) == 1 and parts[0] in HIDDEN_ROOT_NAMES:
-        return parts[0]
-    return None
-
-
 def load_toc_json(data: bytes, *, layer: str = "") -> dict[str, Any]:
     """Decode TOC JSON bytes into the top-level object (checked: object, version 1, entries)."""
     if len(data) > MAX_TOC_JSON:
@@ -224,18 +210,6 @@ def build_index(
             et = _TYPES.get(t) if type(t) is str else None
             if et is None:
                 raise ValueError(f"unknown entry type {t!r:.40}")
-            hidden = (
-                _hidden_name(name)
-                if name.endswith(_HIDDEN_SUFFIXES) or name.rstrip("/").endswith(_HIDDEN_SUFFIXES)
-                else None
-            )
-            if hidden is not None:
-                in_file = et == _REG
-                skip_chunks = True
-                has_data = in_file and _int(e, "size", MAX_FILE_SIZE) > 0 and "offset" in e
-                b.add_hidden_data(hidden, _int(e, "offset", _MAX_OFFSET) if has_data else None)
-                continue
-            skip_chunks = False
             g = e.get
             mode = g("mode", 0)
             uid = g("uid", 0)
@@ -288,7 +262,7 @@ def build_index(
                 devmajor = _int(e, "devMajor", MAX_ID)
                 devminor = _int(e, "devMinor", MAX_ID)
             xa = g("xattrs")
-            add(
+            i = add(
                 name,
                 et,
                 mode,
@@ -305,16 +279,29 @@ def build_index(
                 digest,
             )
             in_file = et == _REG
+            if i is None:  # a hidden format file (TOC name, landmark): record, never list
+                hidden = clean_path(name)
+                skip_chunks = True
+                has_data = in_file and size > 0 and "offset" in e
+                b.add_hidden_data(hidden, _int(e, "offset", _MAX_OFFSET) if has_data else None)
+                continue
+            skip_chunks = False
             if in_file and size:
-                if "offset" not in e:
-                    raise ValueError("regular file with data has no 'offset'")
-                if _int(e, "chunkOffset", MAX_FILE_SIZE) != 0:
+                off = g("offset")
+                if type(off) is not int:
+                    raise ValueError("regular file with data has no integer 'offset'")
+                if g("chunkOffset"):
                     raise ValueError("first chunk of a file must have chunkOffset 0")
+                cs = g("chunkSize")
+                if cs is None or cs == 0:
+                    cs = size  # absent: the chunk runs to the end of the file
+                elif type(cs) is not int or not 0 < cs <= MAX_FILE_SIZE:
+                    raise ValueError(f"invalid chunkSize {cs!r:.40}")
                 cd = g("chunkDigest")
                 b.add_chunk(
-                    _int(e, "offset", _MAX_OFFSET),
+                    off,
                     0,
-                    _chunk_size(e, b, size),
+                    cs,
                     inner=_int(e, "innerOffset", MAX_FILE_SIZE) if "innerOffset" in e else 0,
                     digest=None if cd is None else digest if cd == dg else parse_digest(cd),
                     zeros=_chunk_type(e) if "chunkType" in e else False,
@@ -328,13 +315,11 @@ def build_index(
     return b.finish()
 
 
-def _chunk_size(e: dict[str, Any], b: IndexBuilder, file_size: int | None = None) -> int:
+def _chunk_size(e: dict[str, Any], b: IndexBuilder) -> int:
     cs = _int(e, "chunkSize", MAX_FILE_SIZE)
     if cs:
         return cs
     # Absent chunkSize: "to the end of the file" (stargz-snapshotter's reader rule).
-    if file_size is not None:
-        return file_size
     return b.open_file_size() - _int(e, "chunkOffset", MAX_FILE_SIZE)
 
 

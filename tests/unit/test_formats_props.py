@@ -72,6 +72,21 @@ _entry = st.fixed_dictionaries(
         "userName": _values,
     },
 )
+# Mostly well-formed entries: explores tree building (implied dirs, overrides, hardlinks...).
+_clean_names = st.lists(st.sampled_from(["a", "b", "c", "é", ".wh.a"]), min_size=1, max_size=3).map(
+    "/".join
+)
+_plausible = st.fixed_dictionaries(
+    {
+        "name": st.one_of(_clean_names, _clean_names.map(lambda n: n + "/")),
+        "type": st.sampled_from(["reg", "dir", "symlink", "hardlink", "fifo", "char", "block"]),
+        "mode": st.sampled_from([0o644, 0o755, 0o4755, 0o40755, 0]),
+        "uid": st.sampled_from([0, 1000]),
+        "linkName": _clean_names,
+        "modtime": st.sampled_from(["2020-09-13T12:26:40Z", "2021-01-01T00:00:00.5+01:00"]),
+    },
+    optional={"devMajor": st.integers(0, 300), "xattrs": st.just({"user.k": "dg=="})},
+)
 _json: st.SearchStrategy[Any] = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=5),
     lambda inner: (
@@ -128,6 +143,15 @@ def test_random_structured_tocs(entries: list[dict[str, Any]], zstd: bool) -> No
 
 
 @SETTINGS
+@given(st.lists(_plausible, max_size=15), st.booleans())
+def test_plausible_tocs(entries: list[dict[str, Any]], zstd: bool) -> None:
+    region, toc = simple_layer({"x": b"hello", "y": bytes(600)}, zstd=zstd)
+    toc["entries"] += entries
+    blob = wrap_zstd(region, toc)[0] if zstd else wrap_estargz(region, toc)
+    _try(blob)
+
+
+@SETTINGS
 @given(_json)
 def test_random_json_documents(doc: Any) -> None:
     region, _ = simple_layer({"x": b"hello"})
@@ -176,7 +200,10 @@ def test_valid_layers_roundtrip(data: bytes, chunk: int, zstd: bool) -> None:
     deadline=5000,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(st.lists(_entry, max_size=10), st.sampled_from(["overlay", "aufs"]))
+@given(
+    st.lists(st.one_of(_entry, _plausible, _plausible), max_size=12),
+    st.sampled_from(["overlay", "aufs"]),
+)
 def test_random_tocs_extract_inside_dest_only(entries: list[dict[str, Any]], wh: str) -> None:
     region, toc = simple_layer({"x": b"hello", "y/z": bytes(600)})
     toc["entries"] += entries

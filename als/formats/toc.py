@@ -84,8 +84,10 @@ def parse_time_ns(value: str) -> int:
         off = int(m.group(10)) * 3600 + int(m.group(11)) * 60
         secs -= off if m.group(9) == "+" else -off
     frac = m.group(7) or ""
-    ns = int((frac + "000000000")[:9]) if frac else 0
-    return secs * 1_000_000_000 + ns
+    ns = secs * 1_000_000_000 + (int((frac + "000000000")[:9]) if frac else 0)
+    if not -(1 << 63) <= ns < 1 << 63:
+        raise ValueError(f"time out of range {value!r:.60}")  # beyond 1677..2262
+    return ns
 
 
 def _bad(layer: str, where: str, msg: str) -> FormatError:

@@ -48,7 +48,14 @@ _values: st.SearchStrategy[Any] = st.one_of(
     st.none(),
     st.booleans(),
     st.floats(allow_nan=False),
-    st.sampled_from(["sha256:" + "0" * 64, "2020-09-13T12:26:40Z", "0001-01-01T00:00:00Z"]),
+    st.sampled_from(
+        [
+            "sha256:" + "0" * 64,
+            "2020-09-13T12:26:40Z",
+            "0001-01-01T00:00:00Z",
+            "9999-12-31T00:00:00Z",
+        ]
+    ),
 )
 _entry = st.fixed_dictionaries(
     {"name": _names, "type": _types},

@@ -102,6 +102,7 @@ _T_HARDLINK = int(EntryType.HARDLINK)
 _T_CHAR = int(EntryType.CHAR)
 _T_BLOCK = int(EntryType.BLOCK)
 _EMPTY_XATTRS: Mapping[str, bytes] = MappingProxyType({})
+_READ_SLACK = 64 * 1024
 _CH_HAS_DIGEST = 1
 _CH_ZEROS = 2
 
@@ -818,15 +819,21 @@ class IndexBuilder:
         ix._regular_files = regular_files
         ix._chstart = chstart
 
-        # cend: the next distinct data offset after a chunk's start, else the TOC start.
+        # cend: the next distinct data offset after a chunk's start, else the TOC start --
+        # capped at what any deflate/zstd encoder can need for innerOffset + size bytes
+        # (< 2x expansion), so a hostile TOC cannot make a small file cost a huge read.
         c_off = self._c_off
+        c_size = self._c_size
+        c_inner = self._c_inner
         offs = sorted(set(c_off).union(self._extra_offsets))
         noffs = len(offs)
         c_end = array("q", bytes(8 * len(c_off)))
         toc_offset = self.toc_offset
         for j, o in enumerate(c_off):
             k = bisect_right(offs, o)
-            c_end[j] = offs[k] if k < noffs else toc_offset
+            end = offs[k] if k < noffs else toc_offset
+            cap = o + 2 * (c_size[j] + c_inner.get(j, 0)) + _READ_SLACK
+            c_end[j] = end if end <= cap else cap
         ix._c_off = c_off
         ix._c_end = c_end
         ix._c_uoff = self._c_uoff

@@ -72,6 +72,12 @@ def test_chunk_ends_use_next_offset() -> None:
         (200, 250),
     ]
     assert ix.chunks(ix.lookup("g") or 0)[0].cend == 900
+    # a small chunk far from the next offset does not cost a huge read
+    b2 = IndexBuilder(format="estargz", toc_digest="x", blob_size=1 << 40, toc_offset=1 << 39)
+    b2.add("tiny", EntryType.REG, size=10, digest=digest)
+    b2.add_chunk(0, 0, 10)
+    tiny = b2.finish()
+    assert tiny.chunks(1)[0].cend == 20 + 64 * 1024
     assert ix.prefetch_end == 250
     assert ix.chunk_at(ix.lookup("f") or 0, 9) == 0 and ix.chunk_at(ix.lookup("f") or 0, 10) == 1
     assert ix.regular_bytes() == 35 and ix.regular_files() == 2

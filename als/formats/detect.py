@@ -346,6 +346,11 @@ def load_index(
         return _finish_zstd(
             memoryview(region)[8:], footer, ann, expected_toc_digest, blob_size, layer
         )
+    if ann.manifest_checksum is not None:
+        raise FormatError(
+            f"layer {layer}: the annotations describe a zstd:chunked manifest, but the blob is "
+            f"{footer.kind} (gzip)"
+        )
     js = _estargz_toc_json(region, layer)
     digest = _sha256(js)
     fmt = footer.kind

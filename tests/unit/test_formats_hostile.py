@@ -380,3 +380,12 @@ def test_legacy_footer_and_entry_types() -> None:
     assert ix.entry(ix.lookup("abs") or 0).link == "/etc/../passwd"  # verbatim, never followed
     assert ix.lookup("café/ünï") is not None
     assert ix.entry(0).nlink == 2 + 2  # root: dev and café
+
+
+def test_zstd_annotations_on_a_gzip_blob_are_refused() -> None:
+    ann = {"io.github.containers.zstd-chunked.manifest-checksum": "sha256:" + "0" * 64}
+    with pytest.raises(FormatError, match="zstd:chunked"):
+        _load(_estargz_blob(), annotations=ann)
+    ann = {"io.github.containers.zstd-chunked.manifest-position": "100:50:60:1"}
+    with pytest.raises(FormatError):
+        _load(_estargz_blob(), annotations=ann)

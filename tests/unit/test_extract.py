@@ -241,3 +241,20 @@ def test_extract_error_is_an_als_error(tmp_path: Path) -> None:
     dest.write_bytes(b"")
     with pytest.raises(AlsError, match="destination"):
         _extract(blob, dest)
+
+
+def test_many_directories_and_distant_hardlinks(tmp_path: Path) -> None:
+    # More directories than the fd cache holds, and hardlinks reaching back to early ones.
+    files = {f"d{i:03}/sub/f": f"file {i}".encode() for i in range(150)}
+    links = [
+        {"name": f"links/l{i:03}", "type": "hardlink", "linkName": f"d{i:03}/sub/f"}
+        for i in range(0, 150, 7)
+    ]
+    blob = _layer(links, files)
+    dest = tmp_path / "d"
+    _extract(blob, dest)
+    for i in range(0, 150, 7):
+        a = os.lstat(dest / f"d{i:03}" / "sub" / "f")
+        b = os.lstat(dest / "links" / f"l{i:03}")
+        assert a.st_ino == b.st_ino and a.st_nlink == 2
+    assert (dest / "d149" / "sub" / "f").read_bytes() == b"file 149"

@@ -25,6 +25,8 @@ OPAQUE_WHITEOUT = ".wh..wh..opq"
 OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FD_CACHE = 64
+# ".wh." + "" / "." / "..": would name the directory itself or its parent; dropped.
+_BAD_WHITEOUTS = frozenset({".wh.", ".wh..", ".wh..."})
 
 
 class ExtractError(AlsError):
@@ -134,13 +136,13 @@ def _extract(
                 stats.whiteouts += 1
                 if e.name == OPAQUE_WHITEOUT:
                     opaque.append(e.parent)
-                elif not e.name.startswith(WHITEOUT_PREFIX * 2):
+                elif not e.name.startswith(WHITEOUT_PREFIX * 2) and e.name not in _BAD_WHITEOUTS:
                     target = e.name[len(WHITEOUT_PREFIX) :]
                     _remove_existing(target, pfd)
                     os.mknod(target, stat.S_IFCHR, os.makedev(0, 0), dir_fd=pfd)
                     if as_root:
                         os.chown(target, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
-                # other .wh..wh.* names are aufs metadata: dropped
+                # other .wh..wh.* names are aufs metadata, and invalid targets: dropped
                 continue
             t = e.type
             if t == EntryType.DIR:

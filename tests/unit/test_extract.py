@@ -258,3 +258,14 @@ def test_many_directories_and_distant_hardlinks(tmp_path: Path) -> None:
         b = os.lstat(dest / "links" / f"l{i:03}")
         assert a.st_ino == b.st_ino and a.st_nlink == 2
     assert (dest / "d149" / "sub" / "f").read_bytes() == b"file 149"
+
+
+@needs_root
+def test_whiteouts_naming_the_directory_itself_are_dropped(tmp_path: Path) -> None:
+    blob = _layer(
+        [{"name": n, "type": "reg"} for n in ("d/.wh.", "d/.wh..", "d/.wh...", "d/.wh..wh.plnk")],
+        {"d/keep": b"k"},
+    )
+    _extract(blob, tmp_path / "o")
+    assert os.listdir(tmp_path / "o" / "d") == ["keep"]
+    assert sorted(os.listdir(tmp_path / "o")) == ["d"]

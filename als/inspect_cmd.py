@@ -12,7 +12,7 @@ from typing import Any
 
 from als.errors import AlsError, ConfigError, FormatError, NotLazy
 from als.formats.decode import iter_file
-from als.formats.detect import HEAD_READ, detect_format, load_index
+from als.formats.detect import load_index
 from als.formats.model import EntryType, LayerIndex, ReadRanges
 
 _KIND_KEYS = {
@@ -209,12 +209,3 @@ def extract_blob(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def sniff(path: str) -> str:
-    """Quick format sniff of a local blob (first and last 64 KiB)."""
-    with open_blob(path) as (read, size, _calls):
-        tail_n = min(size, 64 * 1024)
-        head_n = min(size, HEAD_READ)
-        head, tail = read([(0, head_n), (size - tail_n, tail_n)])
-        return detect_format(head, tail, size)

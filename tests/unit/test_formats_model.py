@@ -174,3 +174,14 @@ def test_entry_views_are_cheap_and_read_only() -> None:
         e.xattrs["user.k"] = b"w"  # type: ignore[index]
     with pytest.raises(IndexError):
         ix.entry(len(ix))
+
+
+def test_detect_format_plain_and_garbage() -> None:
+    from tests.unit.conftest import gz, zst
+
+    tarish = bytearray(1024)
+    tarish[257:262] = b"ustar"
+    for blob, fmt in ((gz(b"x"), "gzip"), (zst(b"x"), "zstd"), (bytes(tarish), "tar")):
+        assert detect_format(blob[:512], blob, len(blob)) == fmt
+    with pytest.raises(FormatError, match="unrecognised"):
+        detect_format(b"hello", b"hello", 5)

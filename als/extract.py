@@ -18,7 +18,7 @@ from pathlib import Path
 
 from als.errors import AlsError, VerifyError
 from als.formats.decode import iter_file
-from als.formats.model import EntryType, LayerIndex, ReadRanges
+from als.formats.model import Entry, EntryType, LayerIndex, ReadRanges
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
@@ -159,12 +159,7 @@ def _extract(
                 _write_file(index, read, i, e.name, pfd, stats)
                 fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
                 try:
-                    if as_root:
-                        os.fchown(fd, e.uid, e.gid)
-                    os.fchmod(fd, e.mode)
-                    for k, v in e.xattrs.items():
-                        os.setxattr(fd, k, v)
-                    os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+                    _apply_metadata(fd, e, as_root)
                 finally:
                     os.close(fd)
                 continue
@@ -207,12 +202,7 @@ def _extract(
             e = index.entry(i)
             path = e.path or "."
             fd = dirs.get(i)
-            if as_root:
-                os.fchown(fd, e.uid, e.gid)
-            os.fchmod(fd, e.mode)
-            for k, v in e.xattrs.items():
-                os.setxattr(fd, k, v)
-            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            _apply_metadata(fd, e, as_root)
     except OSError as exc:
         what = exc.strerror or str(exc)
         if exc.errno in (errno.EPERM, errno.EACCES) and not as_root:
@@ -220,6 +210,16 @@ def _extract(
         layer = f"layer {index.layer}: " if index.layer else ""
         raise ExtractError(f"{layer}extracting {path!r}: {what}") from None
     return stats
+
+
+def _apply_metadata(fd: int, e: Entry, as_root: bool) -> None:
+    """Owner (as root), mode, xattrs and mtime of an extracted file or directory, by fd."""
+    if as_root:
+        os.fchown(fd, e.uid, e.gid)
+    os.fchmod(fd, e.mode)
+    for k, v in e.xattrs.items():
+        os.setxattr(fd, k, v)
+    os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
 
 def _write_file(

@@ -33,7 +33,7 @@ _SYMLINK = int(EntryType.SYMLINK)
 _HARDLINK = int(EntryType.HARDLINK)
 _CHAR = int(EntryType.CHAR)
 _BLOCK = int(EntryType.BLOCK)
-_TYPES = {
+TOC_TYPES: dict[str, EntryType] = {
     "reg": EntryType.REG,
     "dir": EntryType.DIR,
     "symlink": EntryType.SYMLINK,
@@ -209,7 +209,7 @@ def build_index(
                     zeros=_chunk_type(e),
                 )
                 continue
-            et = _TYPES.get(t) if type(t) is str else None
+            et = TOC_TYPES.get(t) if type(t) is str else None
             if et is None:
                 raise ValueError(f"unknown entry type {t!r:.40}")
             g = e.get

@@ -12,20 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from als.errors import FormatError, NotLazy, VerifyError
-from als.formats import EntryType, LayerIndex, ReadRanges, load_index, read_file
+from als.formats import LayerIndex, ReadRanges, load_index, read_file
 from als.formats.tarsplit import assemble_tar, build_tarsplit, scan_tar
+from als.formats.toc import TOC_TYPES
 from als.formats.writer import BuiltLayer, FileSpec
 from tests.support.layers import LAZY_FORMATS, make_layer, make_tar
 
-TYPES = {
-    "reg": EntryType.REG,
-    "dir": EntryType.DIR,
-    "symlink": EntryType.SYMLINK,
-    "hardlink": EntryType.HARDLINK,
-    "char": EntryType.CHAR,
-    "block": EntryType.BLOCK,
-    "fifo": EntryType.FIFO,
-}
+TYPES = TOC_TYPES  # TOC type names -> EntryType
 
 
 def reader(blob: bytes) -> ReadRanges:

@@ -35,8 +35,6 @@ class StoreConfig:
     memory_cache_mb: int = 64
     # Nearby compressed ranges closer than this are fetched in one request.
     coalesce_gap: int = 64 * 1024
-    # Extra bytes fetched after a small read's chunk (read-ahead of the next chunks), in bytes.
-    readahead: int = 512 * 1024
     # Kernel cache timeouts (seconds): layer contents never change.
     layer_ttl: float = 3600.0
     store_ttl: float = 1.0

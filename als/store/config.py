@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ class StoreConfig:
     store_ttl: float = 1.0
     log_level: str = "info"
     debug_fuse: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | None, overrides: dict[str, Any] | None = None) -> StoreConfig:
@@ -54,7 +53,7 @@ class StoreConfig:
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"config file {path}: {exc}") from exc
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f"unknown config option(s): {', '.join(unknown)}")

@@ -88,9 +88,10 @@ class ChunkCache:
         self.hits += 1
         return data
 
-    def put(self, key: tuple[str, int, int, int], data: bytes) -> None:
+    def put(self, key: tuple[str, int, int, int], data: bytes) -> bool:
+        """Keep ``data``; False if it is larger than the whole cache (then it is not kept)."""
         if len(data) > self.max_bytes:
-            return
+            return False
         old = self._data.pop(key, None)
         if old is not None:
             self.bytes -= len(old)
@@ -99,6 +100,7 @@ class ChunkCache:
         while self.bytes > self.max_bytes:
             _, evicted = self._data.popitem(last=False)
             self.bytes -= len(evicted)
+        return True
 
 
 def coalesce(ranges: Sequence[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
@@ -255,8 +257,7 @@ class Layer:
             raise
         for c, data in zip(chunks, decoded, strict=True):
             key = self._key(c)
-            m.cache.put(key, data)
-            if m.cache.get(key) is None:  # larger than the whole cache: hand it over directly
+            if not m.cache.put(key, data):  # larger than the whole cache: hand it over directly
                 m.uncached[key] = data
 
     async def read_blob(self, off: int, size: int) -> bytes:

@@ -70,7 +70,8 @@ def sd_notify(message: str) -> bool:
     return True
 
 
-def _is_mountpoint(path: Path) -> bool:
+def is_mountpoint(path: Path) -> bool:
+    """True if ``path`` is a mount point (in mountinfo, or a dead FUSE mount)."""
     target = str(path.resolve())
     try:
         with open("/proc/self/mountinfo", encoding="utf-8") as f:
@@ -89,7 +90,7 @@ def _is_mountpoint(path: Path) -> bool:
 
 def cleanup_stale_mount(pool: Path) -> bool:
     """Unmount what a crashed instance left at ``pool`` (we hold the lock: it is stale)."""
-    if not _is_mountpoint(pool):
+    if not is_mountpoint(pool):
         return False
     log.warning("unmounting a stale mount left at %s", pool)
     for cmd in (["fusermount3", "-u", "-z", str(pool)], ["umount", "-l", str(pool)]):

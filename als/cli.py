@@ -35,6 +35,12 @@ def _convert(args: argparse.Namespace) -> int:
     return convert_main(args)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from als.status_cmd import status_main
+
+    return status_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="als", description="lazy-pulling layer store for podman")
     p.add_argument("--version", action="version", version=f"als {__version__}")
@@ -90,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--annotations-out", metavar="FILE", help="also write the layer annotations as JSON"
     )
     conv.set_defaults(func=_convert)
+
+    st = sub.add_parser("status", help="show the running store's cache, layers and fetches")
+    st.add_argument("root", nargs="?", help="store root (default: /var/lib/als)")
+    st.add_argument("--json", action="store_true", help="print the raw status JSON")
+    st.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=1.0,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 1) until Ctrl-C",
+    )
+    st.set_defaults(func=_status)
     return p
 
 

@@ -302,6 +302,32 @@ class LayerIndex:
             not flags[j] & _CH_HAS_DIGEST for j in range(self._chstart[r], self._chstart[r + 1])
         )
 
+    def files_in_order(self, coffset_end: int | None = None) -> list[int]:
+        """Regular files with data, by the offset of their first chunk in the blob.
+
+        With ``coffset_end``, only files whose first chunk starts before it (the prioritized
+        region of an eStargz layer ends at its prefetch landmark).
+        """
+        t, chstart, c_off = self._type, self._chstart, self._c_off
+        found = [
+            (c_off[chstart[i]], i)
+            for i in range(len(t))
+            if t[i] == _T_REG
+            and chstart[i] < chstart[i + 1]
+            and (coffset_end is None or c_off[chstart[i]] < coffset_end)
+        ]
+        found.sort()
+        return [i for _, i in found]
+
+    def chunk_digests(self) -> set[str]:
+        """The digests of every chunk that has one (the content-addressed cache keys)."""
+        flags, raw = self._c_flags, self._c_digest
+        return {
+            _hex_digest(raw[32 * j : 32 * j + 32])
+            for j in range(len(flags))
+            if flags[j] & _CH_HAS_DIGEST
+        }
+
     def regular_bytes(self) -> int:
         return self._regular_bytes
 

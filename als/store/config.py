@@ -31,8 +31,27 @@ class StoreConfig:
     # Parallelism
     net_threads: int = 8
     cpu_threads: int = 2
+    disk_threads: int = 4
     # Bytes of decompressed, verified chunks kept in memory.
     memory_cache_mb: int = 64
+    # The disk cache (docs/cache.md): default ROOT/cache; 0 MiB means no limit.
+    cache_dir: str | None = None
+    cache_limit_mb: int = 10240
+    # Fetch the prioritized files (eStargz landmark, learned profile) when a layer is resolved.
+    prefetch: bool = True
+    # Then download the rest of each layer at low priority, paused while readers wait.
+    background_fetch: bool = True
+    background_delay: float = 2.0  # seconds after a layer is resolved
+    background_concurrency: int = 2  # downloads at once, over all layers
+    background_range_kb: int = 4096  # size of one background range request
+    background_bandwidth_mb: float = 0.0  # MB/s per download; 0 means unlimited
+    # Seconds after a layer's first open during which opened files are recorded (learned
+    # prefetch); 0 disables learning.
+    profile_window: float = 30.0
+    # Control socket for `als status` (default ROOT/.als.sock) and an optional metrics listener
+    # ("HOST:PORT" or "unix:PATH") serving /metrics and /status.
+    status_socket: str | None = None
+    metrics_listen: str | None = None
     # Nearby compressed ranges closer than this are fetched in one request.
     coalesce_gap: int = 64 * 1024
     # Kernel cache timeouts (seconds): layer contents never change.

@@ -156,6 +156,9 @@ async def serve(
 ) -> None:
     """Mount and serve until SIGTERM/SIGINT (or ``pyfuse3.terminate()``), then unmount."""
     manager = LayerManager(source, cfg)
+    # The cache (layer records, use counts) is open before the mount appears, so that podman's
+    # existing links into the pool work from the first lookup after a restart.
+    await manager.open()
     ops = Operations(cfg, manager)
     pyfuse3.init(ops, str(cfg.pool), fuse_options(cfg))
     clean = False
@@ -169,16 +172,9 @@ async def serve(
                         pyfuse3.terminate()
                         return
 
-            async def housekeeping() -> None:
-                while True:
-                    await trio.sleep(60)
-                    dropped = manager.forget_unused()
-                    if dropped:
-                        log.info("released %d idle layer(s)", dropped)
-
             if handle_signals:
                 nursery.start_soon(signals)
-            nursery.start_soon(housekeeping)
+            await nursery.start(manager.run)
             log.info("als %s serving %s", __version__, cfg.pool)
             sd_notify("READY=1\nSTATUS=serving " + str(cfg.pool))
             task_status.started(ops)
@@ -188,6 +184,8 @@ async def serve(
     finally:
         sd_notify("STOPPING=1")
         pyfuse3.close(unmount=True)
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await manager.flush()
         log.info("unmounted %s%s", cfg.pool, "" if clean else " after an error")
 
 
@@ -204,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookup-timeout", type=float, help="seconds before a lookup answers ENOENT")
     p.add_argument("--read-timeout", type=float, help="seconds before a read answers EIO")
     p.add_argument("--memory-cache-mb", type=int, help="memory for decompressed chunks")
+    p.add_argument("--cache-dir", metavar="DIR", help="disk cache (default ROOT/cache)")
+    p.add_argument("--cache-limit-mb", type=int, help="disk cache size limit (0: none)")
+    p.add_argument(
+        "--background-fetch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="download whole layers in the background after start-up (default: on)",
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--debug-fuse", action="store_true", default=None, help="libfuse debug output")
     p.add_argument("--version", action="version", version=f"als-mount {__version__}")
@@ -223,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "lookup_timeout": args.lookup_timeout,
                 "read_timeout": args.read_timeout,
                 "memory_cache_mb": args.memory_cache_mb,
+                "cache_dir": args.cache_dir,
+                "cache_limit_mb": args.cache_limit_mb,
+                "background_fetch": args.background_fetch,
                 "log_level": args.log_level,
                 "debug_fuse": args.debug_fuse,
             },

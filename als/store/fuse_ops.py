@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -386,6 +387,7 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.EISDIR)
             if e.type != EntryType.REG:
                 raise FUSEError(errno.EACCES)
+            inst.layer.note_open(entry_id)
             # The file handle is the inode: reads need no per-open state.
             return FileInfo(fh=FileHandleT(inode), keep_cache=True)
         node = self._node(inode)
@@ -398,7 +400,11 @@ class Operations(pyfuse3.Operations):
         inode = int(fh)
         if inode >> INSTANCE_SHIFT:
             inst, entry_id = self._instance(inode)
-            return await inst.layer.read(entry_id, off, size)
+            start = time.monotonic()
+            data = await inst.layer.read(entry_id, off, size)
+            if self.manager.metrics is not None:
+                self.manager.metrics.observe_read(time.monotonic() - start)
+            return data
         node = self._node(inode)
         layer = node.layer
         assert layer is not None

@@ -1,28 +1,45 @@
-"""Layers the store serves: resolution (ref + digest -> verified index) and reads.
+"""Layers the store serves: resolution (ref + digest -> verified index), reads, and the cache.
 
-Everything here is async (trio) and free of pyfuse3; blocking work (HTTP, decompression,
-hashing) runs in worker threads behind the named limiters of :class:`Limiters`.
+Everything here is async (trio) and free of pyfuse3; blocking work runs in worker threads
+behind the named limiters of :class:`Limiters`: ``net`` (registry calls for reads and
+lookups), ``background`` (whole-blob downloads), ``cpu`` (inflate, hashing) and ``disk``
+(the on-disk cache).
+
+A chunk a reader needs is looked for, in order: in memory, in the disk cache by its digest
+(shared by every layer and image), in the local compressed blob (complete, or the ranges of a
+download in progress), and last in the registry. Whatever comes from the registry is verified
+before use, then kept at every level.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import trio
 
+from als import __version__
 from als.errors import AlsError, FormatError, NotFound, NotLazy, RegistryError, VerifyError
-from als.formats import Chunk, LayerIndex, decode_chunk, load_index, verify_file
+from als.formats import Chunk, EntryType, LayerIndex, decode_chunk, load_index, verify_file
 from als.registry.client import LayerDescriptor
+from als.store.cache import DiskCache, Ingest, LayerRecord
 from als.store.config import StoreConfig
 from als.store.protocol import UNCOMPRESSED_SIZE_ANNOTATION, LayerInfo, toc_digest_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+_PREFETCH_BATCH = 8 << 20  # compressed bytes per prefetch step
+_PREFETCH_GAP = 1 << 20  # prefetch reads through gaps this small: fewer, larger requests
+_BACKGROUND_RETRY_MAX = 60.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,36 +67,50 @@ class Source(Protocol):
     ) -> list[bytes]: ...
 
 
-class Limiters:
-    """The named thread limiters: network calls and CPU work (inflate, hashing)."""
+class MetricsSink(Protocol):
+    def observe_fetch(self, kind: str, seconds: float, nbytes: int) -> None: ...
 
-    def __init__(self, net: int, cpu: int) -> None:
+    def observe_read(self, seconds: float) -> None: ...
+
+
+class Limiters:
+    """The named thread limiters."""
+
+    def __init__(self, net: int, cpu: int, disk: int = 4, background: int = 2) -> None:
         self.net = trio.CapacityLimiter(net)
         self.cpu = trio.CapacityLimiter(cpu)
+        self.disk = trio.CapacityLimiter(disk)
+        self.background = trio.CapacityLimiter(max(background, 1))
 
     async def net_call(self, fn: Callable[[], T]) -> T:
         # abandon_on_cancel: a lookup that runs out of time answers ENOENT at once; the thread
         # finishes (bounded by its own deadline) in the background.
         return await trio.to_thread.run_sync(fn, limiter=self.net, abandon_on_cancel=True)
 
+    async def background_call(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self.background, abandon_on_cancel=True)
+
     async def cpu_call(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn, limiter=self.cpu)
+
+    async def disk_call(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self.disk)
 
 
 # ----------------------------------------------------------------------------------------------
 
 
 class ChunkCache:
-    """A bounded LRU of decompressed, verified chunks, by bytes held."""
+    """A bounded LRU of decompressed, verified chunks in memory, by bytes held."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._data: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
+        self._data: OrderedDict[str, bytes] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: tuple[str, int, int, int]) -> bytes | None:
+    def get(self, key: str) -> bytes | None:
         data = self._data.get(key)
         if data is None:
             self.misses += 1
@@ -88,7 +119,7 @@ class ChunkCache:
         self.hits += 1
         return data
 
-    def put(self, key: tuple[str, int, int, int], data: bytes) -> bool:
+    def put(self, key: str, data: bytes) -> bool:
         """Keep ``data``; False if it is larger than the whole cache (then it is not kept)."""
         if len(data) > self.max_bytes:
             return False
@@ -115,34 +146,87 @@ def coalesce(ranges: Sequence[tuple[int, int]], gap: int) -> list[tuple[int, int
     return out
 
 
+Item = tuple[int, Chunk]  # (file id, chunk)
+
+
+class _ReplayMiss(Exception):
+    """The recorded TOC bytes do not hold a range the parser asked for."""
+
+
+def _recording(
+    read: Callable[[Sequence[tuple[int, int]]], list[bytes]], pieces: list[tuple[int, bytes]]
+) -> Callable[[Sequence[tuple[int, int]]], list[bytes]]:
+    def rec(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        got = read(ranges)
+        pieces.extend((off, data) for (off, _), data in zip(ranges, got, strict=True))
+        return got
+
+    return rec
+
+
+def _replaying(
+    pieces: list[tuple[int, bytes]],
+) -> Callable[[Sequence[tuple[int, int]]], list[bytes]]:
+    def replay(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        out: list[bytes] = []
+        for off, n in ranges:
+            for poff, data in pieces:
+                if poff <= off and off + n <= poff + len(data):
+                    out.append(data[off - poff : off - poff + n])
+                    break
+            else:
+                raise _ReplayMiss(f"{off}+{n}")
+        return out
+
+    return replay
+
+
 @dataclass
 class Layer:
     """One layer blob, shared by every reference and path that reaches it."""
 
     info: LayerInfo
     index: LayerIndex
-    ref: str  # a reference to fetch the blob through
+    ref: str  # the reference the blob is fetched through
     manager: LayerManager
     format: str = ""
+    refs: list[str] = field(default_factory=list)
+    annotations: dict[str, str] = field(default_factory=dict)
     instances: int = 0
     last_used: float = field(default_factory=time.monotonic)
     fetched_bytes: int = 0
     read_errors: int = 0
+    last_error: str | None = None
+    ingest: Ingest | None = None
+    complete: bool = False
+    background: str = "off"
+    has_profile: bool = False
+    _profile: dict[str, None] | None = None
+    _bg_scope: trio.CancelScope | None = None
 
     @property
     def digest(self) -> str:
         return self.info.blob_digest
 
-    def _key(self, c: Chunk) -> tuple[str, int, int, int]:
-        return (self.digest, c.coffset, c.inner, c.size)
+    def key(self, c: Chunk) -> str:
+        """Memory-cache key: the chunk digest (shared across layers) or its place in the blob."""
+        if c.digest is not None:
+            return c.digest
+        return f"{self.digest}@{c.coffset}+{c.inner}:{c.size}"
+
+    def cached_bytes(self) -> int:
+        if self.complete:
+            return self.info.blob_size
+        return self.ingest.present() if self.ingest is not None else 0
+
+    # -- reads ----------------------------------------------------------------------------------
 
     async def read(self, entry_id: int, off: int, size: int) -> bytes:
         """Bytes [off, off+size) of a regular file, verified; AlsError on failure."""
         self.last_used = time.monotonic()
         index = self.index
-        entry = index.entry(entry_id)
-        file_id = entry.target if entry.target >= 0 else entry_id
-        total = index.entry(file_id).size
+        file_id = index.resolved(entry_id)
+        total = index.size(file_id)
         end = min(off + size, total)
         if off >= end:
             return b""
@@ -151,62 +235,71 @@ class Layer:
             wanted = list(chunks)
         else:
             wanted = [c for c in chunks if c.uoffset < end and c.uoffset + c.size > off]
-        got = await self._get_chunks(file_id, wanted)
+        got = await self.get_chunks([(file_id, c) for c in wanted], "foreground")
         parts: list[bytes] = []
         for c in wanted:
             if c.uoffset >= end or c.uoffset + c.size <= off:
                 continue
-            data = got[self._key(c)]
+            data = got[self.key(c)]
             lo = max(off - c.uoffset, 0)
             hi = min(end - c.uoffset, c.size)
             parts.append(data[lo:hi] if (lo, hi) != (0, c.size) else data)
         return b"".join(parts)
 
-    async def _get_chunks(
-        self, file_id: int, wanted: Sequence[Chunk]
-    ) -> dict[tuple[str, int, int, int], bytes]:
+    async def get_chunks(self, items: Sequence[Item], kind: str) -> dict[str, bytes]:
+        """The decoded, verified content of ``items``, by key; one fetch per chunk at a time."""
         m = self.manager
-        got: dict[tuple[str, int, int, int], bytes] = {}
-        for _attempt in range(2):
-            missing: list[Chunk] = []
+        got: dict[str, bytes] = {}
+        for _attempt in range(3):
+            todo: dict[str, Item] = {}
             waits: list[trio.Event] = []
-            for c in wanted:
-                key = self._key(c)
-                if key in got:
+            for fid, c in items:
+                k = self.key(c)
+                if k in got or k in todo:
                     continue
-                data = m.cache.get(key)
+                data = m.memory.get(k)
                 if data is not None:
-                    got[key] = data
-                elif (ev := m.inflight.get(key)) is not None:
+                    got[k] = data
+                elif (ev := m.inflight.get(k)) is not None:
                     waits.append(ev)
                 else:
-                    missing.append(c)
-            if missing:
-                await self._fetch(file_id, missing)
-                for c in missing:
-                    data = m.cache.get(self._key(c)) or m.uncached.pop(self._key(c), None)
-                    if data is not None:
-                        got[self._key(c)] = data
+                    todo[k] = (fid, c)
+            if todo:
+                got.update(await self._load(list(todo.values()), kind))
             for ev in waits:
                 await ev.wait()
-            if all(self._key(c) in got for c in wanted):
+            if all(self.key(c) in got for _, c in items):
                 return got
             if not waits:
                 break
         # Waited for another task's fetch, which failed: the caller gets EIO; the next read retries.
         raise RegistryError(f"layer {self.digest}: content not available (an earlier fetch failed)")
 
-    async def _fetch(self, file_id: int, chunks: Sequence[Chunk]) -> None:
+    async def _load(self, items: list[Item], kind: str) -> dict[str, bytes]:
         m = self.manager
-        keys = [self._key(c) for c in chunks]
-        events = {k: trio.Event() for k in keys}
-        m.inflight.update(events)
+        index = self.index
+        # A file verified as a whole needs all its chunks, from one source.
+        whole = {fid for fid, _ in items if index.whole_file_verify(fid)}
+        if whole:
+            seen = {self.key(c) for _, c in items}
+            for fid in whole:
+                for c in index.chunks(fid):
+                    if self.key(c) not in seen:
+                        items.append((fid, c))
+                        seen.add(self.key(c))
+        events = {self.key(c): trio.Event() for _, c in items}
+        for k, ev in events.items():
+            m.inflight.setdefault(k, ev)
         try:
-            await self._fetch_and_decode(file_id, chunks)
+            return await self._load_unlocked(items, whole, kind)
         except AlsError as exc:
-            self.read_errors += 1
-            path = self.index.entry(file_id).path
-            log.error("read-failed layer=%s path=%s error=%s", self.digest, path, exc)
+            self.read_errors += kind == "foreground"
+            self.last_error = str(exc)
+            paths = sorted({index.path(fid) for fid, _ in items})
+            shown = ", ".join(paths[:3]) + (f" (+{len(paths) - 3})" if len(paths) > 3 else "")
+            log.error(
+                "read-failed layer=%s kind=%s path=%s error=%s", self.digest, kind, shown, exc
+            )
             raise
         finally:
             for k, ev in events.items():
@@ -214,69 +307,416 @@ class Layer:
                     del m.inflight[k]
                 ev.set()
 
-    async def _fetch_and_decode(self, file_id: int, chunks: Sequence[Chunk]) -> None:
+    async def _load_unlocked(
+        self, items: list[Item], whole: set[int], kind: str
+    ) -> dict[str, bytes]:
         m = self.manager
-        index = self.index
-        path = index.entry(file_id).path
-        need = [c for c in chunks if not c.zeros]
-        spans = coalesce([(c.coffset, c.cend) for c in need], m.cfg.coalesce_gap)
-        blobs: list[bytes] = []
-        if spans:
-            deadline = time.monotonic() + m.cfg.read_timeout
-            ranges = [(s, e - s) for s, e in spans]
-            ref, digest = self.ref, self.digest
+        out: dict[str, bytes] = {}
+        cache = m.disk
+        # 1. The disk cache (by chunk digest) and the local compressed bytes.
+        local: dict[str, bytes] = {}
+        if cache is not None and self._maybe_local(items, whole):
 
-            def fetch() -> list[bytes]:
-                return m.source.fetch_ranges(ref, digest, ranges, deadline=deadline)
+            def from_disk() -> None:
+                for fid, c in items:
+                    if c.zeros:
+                        continue
+                    k = self.key(c)
+                    if c.digest is not None and fid not in whole and cache.has_chunk(c.digest):
+                        data = cache.get_chunk(c.digest)
+                        if data is not None and len(data) == c.size:
+                            out[k] = data
+                            continue
+                    raw = self._read_local(c.coffset, c.cend)
+                    if raw is not None:
+                        local[k] = raw
 
+            await m.limiters.disk_call(from_disk)
+        pending = [(fid, c) for fid, c in items if self.key(c) not in out]
+        # Whole-file-verified files use local bytes only if all their chunks are local.
+        whole_local = set()
+        for fid in whole:
+            if any(f == fid and not c.zeros and self.key(c) not in local for f, c in pending):
+                for f, c in pending:
+                    if f == fid:
+                        local.pop(self.key(c), None)
+            else:
+                whole_local.add(fid)
+        # 2. Decode what is local; bytes that fail go back to the registry list.
+        if local:
+            from_local = [
+                (f, c)
+                for f, c in pending
+                if self.key(c) in local or (c.zeros and (f not in whole or f in whole_local))
+            ]
+            decoded, bad = await self._decode(from_local, local, whole)
+            out.update(decoded)
+            if bad:
+                await m.limiters.disk_call(lambda: self._forget_local(bad))
+            pending = [(fid, c) for fid, c in items if self.key(c) not in out]
+        # 3. The registry.
+        fetched_spans: list[tuple[int, bytes]] = []
+        if pending:
+            raw, fetched_spans = await self._fetch(pending, kind)
+            decoded, bad = await self._decode(pending, raw, whole)
+            if bad:
+                fid, c = bad[0]
+                raise VerifyError(
+                    f"layer {self.digest}: {self.index.path(fid)}: chunk at {c.coffset} "
+                    "failed verification"
+                )
+            out.update(decoded)
+        for k, data in out.items():
+            m.memory.put(k, data)
+        # 4. Keep what is new on disk (after the reader has its bytes).
+        if cache is not None:
+            to_store = [
+                (c.digest, out[self.key(c)])
+                for fid, c in pending
+                if c.digest is not None and not c.zeros and fid not in whole
+            ]
+            if to_store or fetched_spans:
+                m.spawn_disk_write(lambda: self._store(to_store, fetched_spans))
+        return out
+
+    def _maybe_local(self, items: list[Item], whole: set[int]) -> bool:
+        """Cheap check (no I/O): might the disk hold any of ``items``?"""
+        disk = self.manager.disk
+        if self.complete:
+            return True
+        ingest = self.ingest
+        if ingest is not None and ingest.ranges:
+            return True
+        return disk is not None and any(
+            c.digest is not None and fid not in whole and disk.has_chunk(c.digest)
+            for fid, c in items
+        )
+
+    def _read_local(self, start: int, end: int) -> bytes | None:
+        m = self.manager
+        if self.complete and m.disk is not None:
+            data = m.disk.read_blob(self.digest, start, end - start)
+            if data is None and not m.disk.has_blob(self.digest):
+                self.complete = False  # evicted: reads go to the registry again
+            return data
+        if self.ingest is not None:
+            return self.ingest.read(start, end - start)
+        return None
+
+    def _forget_local(self, bad: list[Item]) -> None:
+        m = self.manager
+        if self.complete and m.disk is not None:
+            m.disk.discard_blob(self.digest, "a chunk read from it failed verification")
+            self.complete = False
+            return
+        if self.ingest is not None:
+            for _, c in bad:
+                log.warning(
+                    "cache-corrupt layer=%s: downloaded bytes %d-%d failed verification; "
+                    "fetching them again",
+                    self.digest,
+                    c.coffset,
+                    c.cend,
+                )
+                self.ingest.forget(c.coffset, c.cend)
+
+    def _store(self, chunks: list[tuple[str, bytes]], spans: list[tuple[int, bytes]]) -> None:
+        m = self.manager
+        assert m.disk is not None
+        for digest, data in chunks:
+            if not m.disk.put_chunk(digest, data):
+                break
+        if self.ingest is not None and self.ingest.owned and not self.complete:
+            for off, data in spans:
+                self.ingest.write(off, data)
+
+    async def _fetch(self, pending: list[Item], kind: str) -> tuple[dict[str, bytes], list[Any]]:
+        m = self.manager
+        need = [c for _, c in pending if not c.zeros]
+        gap = _PREFETCH_GAP if kind == "prefetch" else m.cfg.coalesce_gap
+        spans = coalesce([(c.coffset, c.cend) for c in need], gap)
+        if not spans:
+            return {}, []
+        deadline = time.monotonic() + m.cfg.read_timeout
+        ranges = [(s, e - s) for s, e in spans]
+        ref, digest = self.ref, self.digest
+
+        def fetch() -> list[bytes]:
+            return m.source.fetch_ranges(ref, digest, ranges, deadline=deadline)
+
+        start = time.monotonic()
+        async with m.foreground():
             with trio.fail_after(m.cfg.read_timeout + 5):
                 blobs = await m.limiters.net_call(fetch)
-            self.fetched_bytes += sum(len(b) for b in blobs)
-            m.fetched_bytes += sum(len(b) for b in blobs)
-
-        def piece(c: Chunk) -> bytes:
-            if c.zeros:
-                return b""
+        n = sum(len(b) for b in blobs)
+        self.fetched_bytes += n
+        m.fetched_bytes += n
+        if m.metrics is not None:
+            m.metrics.observe_fetch(kind, time.monotonic() - start, n)
+        raw: dict[str, bytes] = {}
+        for c in need:
             for (s, e), data in zip(spans, blobs, strict=True):
                 if s <= c.coffset and c.cend <= e:
-                    return data[c.coffset - s : c.cend - s]
-            raise FormatError(f"layer {self.digest}: chunk of {path} outside fetched ranges")
+                    raw[self.key(c)] = data[c.coffset - s : c.cend - s]
+                    break
+        return raw, [(s, data) for (s, _), data in zip(spans, blobs, strict=True)]
 
-        whole = index.whole_file_verify(file_id)
+    async def _decode(
+        self, items: list[Item], raw: dict[str, bytes], whole: set[int]
+    ) -> tuple[dict[str, bytes], list[Item]]:
+        """Decode and verify; returns the good chunks by key, and the items that failed."""
+        index = self.index
+        layer = self.digest
 
-        def decode_all() -> list[bytes]:
-            out = [decode_chunk(index, c, piece(c), path=path) for c in chunks]
-            if whole:
-                verify_file(index, file_id, b"".join(out))
-            return out
+        def work() -> tuple[dict[str, bytes], list[Item]]:
+            good: dict[str, bytes] = {}
+            bad: list[Item] = []
+            for fid, c in items:
+                k = self.key(c)
+                try:
+                    good[k] = decode_chunk(index, c, raw.get(k, b""), path=index.path(fid))
+                except (FormatError, VerifyError) as exc:
+                    log.warning("verify-failed layer=%s: %s", layer, exc)
+                    bad.append((fid, c))
+            for fid in whole:
+                chunks = list(index.chunks(fid))
+                if not all(self.key(c) in good for c in chunks) or not any(
+                    f == fid for f, _ in items
+                ):
+                    continue
+                try:
+                    verify_file(index, fid, b"".join(good[self.key(c)] for c in chunks))
+                except VerifyError as exc:
+                    log.warning("verify-failed layer=%s: %s", layer, exc)
+                    for c in chunks:
+                        good.pop(self.key(c), None)
+                        bad.append((fid, c))
+            return good, bad
 
-        try:
-            decoded = await m.limiters.cpu_call(decode_all)
-        except VerifyError as exc:
-            log.error("verify-failed layer=%s path=%s: %s", self.digest, path, exc)
-            raise
-        for c, data in zip(chunks, decoded, strict=True):
-            key = self._key(c)
-            if not m.cache.put(key, data):  # larger than the whole cache: hand it over directly
-                m.uncached[key] = data
+        return await self.manager.limiters.cpu_call(work)
 
     async def read_blob(self, off: int, size: int) -> bytes:
-        """Raw compressed bytes of the blob (the ``blob`` file), fetched on demand."""
+        """Raw compressed bytes of the blob (the ``blob`` file): local if present, else fetched."""
         self.last_used = time.monotonic()
         end = min(off + size, self.info.blob_size)
         if off >= end:
             return b""
         m = self.manager
+        if m.disk is not None:
+            local = await m.limiters.disk_call(lambda: self._read_local(off, end))
+            if local is not None:
+                return local
         deadline = time.monotonic() + m.cfg.read_timeout
         ref, digest = self.ref, self.digest
 
         def fetch() -> list[bytes]:
             return m.source.fetch_ranges(ref, digest, [(off, end - off)], deadline=deadline)
 
-        with trio.fail_after(m.cfg.read_timeout + 5):
-            (data,) = await m.limiters.net_call(fetch)
+        async with m.foreground():
+            with trio.fail_after(m.cfg.read_timeout + 5):
+                (data,) = await m.limiters.net_call(fetch)
         self.fetched_bytes += len(data)
+        m.fetched_bytes += len(data)
         return data
+
+    # -- learned prefetch -----------------------------------------------------------------------
+
+    def note_open(self, entry_id: int) -> None:
+        """A reader opened a file: record it while this layer's access profile is being learned."""
+        m = self.manager
+        if self.has_profile or m.disk is None or m.cfg.profile_window <= 0:
+            return
+        if self._profile is None:
+            self._profile = {}
+            m.spawn(self._save_profile_later)
+        if len(self._profile) < 100_000:
+            self._profile.setdefault(self.index.path(self.index.resolved(entry_id)), None)
+
+    async def _save_profile_later(self) -> None:
+        m = self.manager
+        await trio.sleep(m.cfg.profile_window)
+        files = list(self._profile or {})
+        self.has_profile = True
+        self._profile = None
+        if files and m.disk is not None:
+            disk = m.disk
+            await m.limiters.disk_call(lambda: disk.save_profile(self.digest, files))
+            log.info("profile-saved layer=%s files=%d", self.digest, len(files))
+
+    async def prefetch(self) -> None:
+        """Fetch what readers will want first: the learned profile, then the landmark region."""
+        m = self.manager
+        if self.complete or not m.cfg.prefetch:
+            return
+        index = self.index
+        profile: list[str] = []
+        if m.disk is not None:
+            disk = m.disk
+            profile = await m.limiters.disk_call(lambda: disk.load_profile(self.digest))
+            self.has_profile = bool(profile)
+
+        def plan() -> list[int]:
+            order: dict[int, None] = {}
+            for path in profile:
+                i = index.lookup(path)
+                if i is not None and index.type(i) in (EntryType.REG, EntryType.HARDLINK):
+                    order.setdefault(index.resolved(i), None)
+            end = index.prefetch_end
+            if end and not index.no_prefetch:
+                for i in index.files_in_order(end):
+                    order.setdefault(i, None)
+            return list(order)
+
+        files = await m.limiters.cpu_call(plan)
+        if not files:
+            return
+        start = time.monotonic()
+        fetched0 = self.fetched_bytes
+        batch: list[Item] = []
+        size = 0
+        try:
+            for fid in files:
+                for c in index.chunks(fid):
+                    batch.append((fid, c))
+                    size += c.cend - c.coffset
+                if size >= _PREFETCH_BATCH:
+                    await self.get_chunks(batch, "prefetch")
+                    batch, size = [], 0
+            if batch:
+                await self.get_chunks(batch, "prefetch")
+        except AlsError as exc:
+            log.warning("prefetch-failed layer=%s: %s", self.digest, exc)
+            return
+        log.info(
+            "prefetch-done layer=%s files=%d profile=%d fetched=%d ms=%d",
+            self.digest,
+            len(files),
+            len(profile),
+            self.fetched_bytes - fetched0,
+            (time.monotonic() - start) * 1000,
+        )
+
+    # -- background fetch -----------------------------------------------------------------------
+
+    async def background_fetch(self) -> None:
+        """Download the rest of the blob at low priority; then it is served entirely locally."""
+        m = self.manager
+        cfg = m.cfg
+        ingest = self.ingest
+        if self.complete or ingest is None or m.disk is None or not cfg.background_fetch:
+            return
+        if not ingest.owned:
+            self.background = "off"
+            log.info("background-skip layer=%s: another process downloads it", self.digest)
+            return
+        with trio.CancelScope() as scope:
+            self._bg_scope = scope
+            self.background = "waiting"
+            await trio.sleep(cfg.background_delay)
+            await self._background_loop(ingest)
+
+    async def _background_loop(self, ingest: Ingest) -> None:
+        m = self.manager
+        cfg = m.cfg
+        disk = m.disk
+        assert disk is not None
+        piece = max(cfg.background_range_kb, 64) * 1024
+        failures = 0
+        start = time.monotonic()
+        fetched0 = self.fetched_bytes
+        while missing := ingest.missing():
+            s, e = missing[0]
+            e = min(e, s + piece)
+            if m.busy:
+                self.background = "paused"
+                await m.wait_idle()
+            if disk.limit and disk.total + (e - s) > disk.limit:
+                await m.evict()
+                if disk.total + (e - s) > disk.limit:
+                    self.background = "off"
+                    self.last_error = "cache limit reached: background fetch stopped"
+                    log.warning(
+                        "background-stopped layer=%s: the cache limit (%d bytes) is reached",
+                        self.digest,
+                        disk.limit,
+                    )
+                    return
+            self.background = "running"
+            deadline = time.monotonic() + cfg.read_timeout
+            ref = self.ref
+
+            def fetch(
+                s: int = s, e: int = e, deadline: float = deadline, ref: str = ref
+            ) -> list[bytes]:
+                return m.source.fetch_ranges(ref, self.digest, [(s, e - s)], deadline=deadline)
+
+            t0 = time.monotonic()
+            try:
+                with trio.fail_after(cfg.read_timeout + 5):
+                    (data,) = await m.limiters.background_call(fetch)
+            except (AlsError, trio.TooSlowError) as exc:
+                failures += 1
+                delay = min(2.0**failures, _BACKGROUND_RETRY_MAX)
+                self.last_error = f"background fetch: {exc or 'timed out'}"
+                self.background = "waiting"
+                log.warning(
+                    "background-retry layer=%s in=%.0fs error=%s", self.digest, delay, exc
+                )
+                await trio.sleep(delay)
+                continue
+            failures = 0
+            dt = time.monotonic() - t0
+            self.fetched_bytes += len(data)
+            m.fetched_bytes += len(data)
+            if m.metrics is not None:
+                m.metrics.observe_fetch("background", dt, len(data))
+            if not await m.limiters.disk_call(partial(ingest.write, s, data)):
+                self.background = "off"
+                log.warning("background-stopped layer=%s: the cache cannot be written", self.digest)
+                return
+            m.after_write()
+            if cfg.background_bandwidth_mb > 0:
+                await trio.sleep(max(len(data) / (cfg.background_bandwidth_mb * 1e6) - dt, 0))
+        ok = await m.limiters.cpu_call(lambda: ingest.finish(self.digest))
+        if ok:
+            self.complete = True
+            self.ingest = None
+            self.background = "done"
+            self.last_error = None
+            log.info(
+                "layer-complete layer=%s bytes=%d fetched=%d seconds=%.1f",
+                self.digest,
+                self.info.blob_size,
+                self.fetched_bytes - fetched0,
+                time.monotonic() - start,
+            )
+        else:
+            self.background = "failed"
+            self.last_error = "the downloaded blob did not match its digest"
+
+    def stop_background(self) -> None:
+        if self._bg_scope is not None:
+            self._bg_scope.cancel()
+
+    def status(self, uses: int) -> dict[str, Any]:
+        cached = self.cached_bytes()
+        size = self.info.blob_size
+        return {
+            "digest": self.digest,
+            "toc_digest": self.info.toc_digest,
+            "refs": list(self.refs),
+            "format": self.format,
+            "size": size,
+            "cached_bytes": cached,
+            "cached_percent": round(100.0 * cached / size, 1) if size else 100.0,
+            "complete": self.complete,
+            "background": "done" if self.complete else self.background,
+            "uses": uses,
+            "entries": len(self.index),
+            "fetched_bytes": self.fetched_bytes,
+            "read_errors": self.read_errors,
+            "last_error": self.last_error,
+        }
 
 
 @dataclass
@@ -288,20 +728,156 @@ class _Negative:
 class LayerManager:
     """Resolves (reference, digest) to a served :class:`Layer`, once, with fail-fast lookups."""
 
-    def __init__(self, source: Source, cfg: StoreConfig, limiters: Limiters | None = None) -> None:
+    def __init__(
+        self,
+        source: Source,
+        cfg: StoreConfig,
+        limiters: Limiters | None = None,
+        metrics: MetricsSink | None = None,
+    ) -> None:
         self.source = source
         self.cfg = cfg
-        self.limiters = limiters or Limiters(cfg.net_threads, cfg.cpu_threads)
-        self.cache = ChunkCache(cfg.memory_cache_mb * 1024 * 1024)
-        self.inflight: dict[tuple[str, int, int, int], trio.Event] = {}
-        self.uncached: dict[tuple[str, int, int, int], bytes] = {}
+        self.limiters = limiters or Limiters(
+            cfg.net_threads, cfg.cpu_threads, cfg.disk_threads, cfg.background_concurrency
+        )
+        self.metrics = metrics
+        self.memory = ChunkCache(cfg.memory_cache_mb * 1024 * 1024)
+        self.disk: DiskCache | None = None  # set by open(); without it, memory only
+        self.inflight: dict[str, trio.Event] = {}
         self.layers: dict[str, Layer] = {}  # by blob digest
         self._by_path: dict[tuple[str, str], str] = {}  # (ref, path digest) -> blob digest
+        self._records: dict[str, str] = {}  # blob or TOC digest -> blob digest, on disk
         self._images: dict[str, tuple[float, ResolvedImageLike]] = {}
         self._negative: dict[tuple[str, str], _Negative] = {}
         self._resolving: dict[tuple[str, str], trio.Event] = {}
         self.uses: dict[tuple[str, str], int] = {}
         self.fetched_bytes = 0
+        self.started = time.monotonic()
+        self._nursery: trio.Nursery | None = None
+        self._busy = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._evicting = False
+        self._uses_dirty = trio.Event()
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def cache_dir(self) -> Path:
+        return Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.cfg.root / "cache"
+
+    async def open(self) -> None:
+        """Open the disk cache: layer records, use counts."""
+        disk = DiskCache(self.cache_dir(), self.cfg.cache_limit_mb * 1024 * 1024)
+
+        def load() -> tuple[dict[str, str], dict[tuple[str, str], int]]:
+            disk.open()
+            records: dict[str, str] = {}
+            for rec in disk.layer_records():
+                records[rec.blob_digest] = rec.blob_digest
+                records[rec.toc_digest] = rec.blob_digest
+            return records, disk.load_uses()
+
+        self._records, self.uses = await self.limiters.disk_call(load)
+        self.disk = disk
+        log.info(
+            "cache-open dir=%s bytes=%d limit=%d layers=%d in-use=%d",
+            disk.dir,
+            disk.total,
+            disk.limit,
+            len({v for v in self._records.values()}),
+            len(self.uses),
+        )
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Background work: restore layers in use, save use counts, evict, forget idle layers."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.disk is None:
+                await self.open()
+            for ref, digest in list(self.uses):
+                nursery.start_soon(self._restore, ref, digest)
+            nursery.start_soon(self._save_uses_loop)
+            task_status.started()
+            ticks = 0
+            while True:
+                await trio.sleep(60)
+                ticks += 1
+                dropped = self.forget_unused()
+                if dropped:
+                    log.info("released %d idle layer(s)", dropped)
+                if ticks % 10 == 0 and self.disk is not None:
+                    await self.limiters.disk_call(self.disk.rescan)
+                await self.evict()
+
+    async def _restore(self, ref: str, digest: str) -> None:
+        try:
+            await self.lookup(ref, digest)
+        except NotFound as exc:
+            log.warning("restore-failed ref=%s digest=%s: %s", ref, digest, exc)
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)
+
+    def spawn_disk_write(self, fn: Callable[[], None]) -> None:
+        async def write() -> None:
+            await self.limiters.disk_call(fn)
+            self.after_write()
+
+        if self._nursery is not None:
+            self._nursery.start_soon(write)
+
+    def after_write(self) -> None:
+        if self.disk is not None and self.disk.over_limit() and not self._evicting:
+            self.spawn(self.evict)
+
+    # -- foreground priority --------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._busy > 0
+
+    def foreground(self) -> _Foreground:
+        return _Foreground(self)
+
+    async def wait_idle(self) -> None:
+        while self._busy:
+            await self._idle.wait()
+
+    # -- eviction -------------------------------------------------------------------------------
+
+    def _protected(self) -> tuple[set[str], set[str]]:
+        layers: set[str] = set()
+        for (ref, digest), n in self.uses.items():
+            if n <= 0:
+                continue
+            blob = self._by_path.get((ref, digest)) or self._records.get(digest)
+            if blob is not None:
+                layers.add(blob)
+        chunks: set[str] = set()
+        for blob in layers:
+            layer = self.layers.get(blob)
+            if layer is not None:
+                chunks |= layer.index.chunk_digests()
+        return {b.partition(":")[2] for b in layers}, {c.partition(":")[2] for c in chunks}
+
+    async def evict(self) -> None:
+        disk = self.disk
+        if disk is None or not disk.over_limit() or self._evicting:
+            return
+        self._evicting = True
+        try:
+            protected = await self.limiters.cpu_call(self._protected)
+            report = await self.limiters.disk_call(lambda: disk.evict(*protected))
+            log.info(
+                "cache-evict freed=%d items=%d remaining=%d limit=%d",
+                report.freed,
+                report.removed,
+                report.remaining,
+                disk.limit,
+            )
+        finally:
+            self._evicting = False
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -326,7 +902,7 @@ class LayerManager:
         start = time.monotonic()
         try:
             with trio.fail_after(self.cfg.lookup_timeout):
-                layer = await self._resolve(ref, digest)
+                layer, source = await self._resolve(ref, digest)
         except trio.TooSlowError:
             reason = f"timed out after {self.cfg.lookup_timeout:g}s"
             self._refuse(key, reason)
@@ -339,12 +915,15 @@ class LayerManager:
             ev.set()
         self._by_path[key] = layer.digest
         log.info(
-            "layer-ready ref=%s digest=%s format=%s lazy=true toc_ms=%d entries=%d",
+            "layer-ready ref=%s digest=%s format=%s lazy=true toc_ms=%d entries=%d from=%s "
+            "cached=%d",
             ref,
             digest,
             layer.format,
             (time.monotonic() - start) * 1000,
             len(layer.index),
+            source,
+            layer.cached_bytes(),
         )
         return layer
 
@@ -366,7 +945,21 @@ class LayerManager:
         self._images[ref] = (time.monotonic() + self.cfg.manifest_ttl, image)
         return image
 
-    async def _resolve(self, ref: str, digest: str) -> Layer:
+    async def _resolve(self, ref: str, digest: str) -> tuple[Layer, str]:
+        """The layer, and where it came from: memory, cache, or registry."""
+        # Known, and known to belong to this reference: no registry needed (not even for a
+        # tag that has moved since: the layer is identified by its digest).
+        # (A lookup by blob digest needs the DiffID too, which the TOC dialect never asked for.)
+        blob = self._records.get(digest)
+        for known in self.layers.values():
+            by_path = digest in (known.digest, known.info.toc_digest) and ref in known.refs
+            if by_path and (digest != known.digest or known.info.diff_id):
+                return known, "memory"
+        if blob is not None and self.disk is not None:
+            cached = await self._from_record(blob, ref, require_ref=True)
+            if cached is not None and (digest != cached.digest or cached.info.diff_id):
+                return cached, "cache"
+        # Otherwise the registry says whether this reference has the layer.
         image = await self._image(ref)
         desc: LayerDescriptor | None = None
         for d in image.layers:
@@ -381,17 +974,86 @@ class LayerManager:
         if digest == desc.digest and not desc.diff_id:
             raise NotFound(f"image {ref} has no DiffID for layer {desc.digest}")
         existing = self.layers.get(desc.digest)
+        source = "memory"
+        if existing is None and self.disk is not None and desc.digest in self._records:
+            existing = await self._from_record(desc.digest, ref, require_ref=False)
+            source = "cache"
+        if existing is not None and existing.info.toc_digest == toc_digest:
+            if desc.diff_id and not existing.info.diff_id:
+                existing.info = dataclasses.replace(existing.info, diff_id=desc.diff_id)
+                await self._add_ref(existing, ref, force=True)
+            await self._add_ref(existing, ref)
+            return existing, source
+        return await self._from_registry(ref, desc, toc_digest), "registry"
+
+    async def _add_ref(self, layer: Layer, ref: str, *, force: bool = False) -> None:
+        """Remember that ``ref`` has this layer (and persist the record if anything changed)."""
+        if ref in layer.refs and not force:
+            return
+        if ref not in layer.refs:
+            layer.refs.append(ref)
+        if self.disk is not None:
+            rec = self._record_of(layer)
+            disk = self.disk
+            await self.limiters.disk_call(lambda: disk.save_layer(rec, None))
+
+    @staticmethod
+    def _record_of(layer: Layer) -> LayerRecord:
+        return LayerRecord(
+            blob_digest=layer.digest,
+            blob_size=layer.info.blob_size,
+            diff_id=layer.info.diff_id,
+            toc_digest=layer.info.toc_digest,
+            media_type=layer.info.media_type,
+            format=layer.format,
+            annotations=dict(layer.annotations),
+            refs=list(layer.refs),
+        )
+
+    async def _from_record(self, blob: str, ref: str, *, require_ref: bool) -> Layer | None:
+        disk = self.disk
+        assert disk is not None
+        found = await self.limiters.disk_call(lambda: disk.load_layer(blob))
+        if found is None:
+            return None
+        rec, pieces = found
+        if require_ref and ref not in rec.refs:
+            return None
+        existing = self.layers.get(rec.blob_digest)
         if existing is not None:
+            await self._add_ref(existing, ref)
             return existing
+
+        def load() -> LayerIndex:
+            return load_index(
+                _replaying(pieces),
+                rec.blob_size,
+                annotations=rec.annotations,
+                expected_toc_digest=rec.toc_digest,
+                layer=f"{ref}@{rec.blob_digest}",
+            )
+
+        try:
+            index = await self.limiters.cpu_call(load)
+        except (_ReplayMiss, AlsError) as exc:
+            log.warning("cache-corrupt layer=%s: cannot rebuild its index (%s)", blob, exc)
+            return None
+        if ref not in rec.refs:
+            rec.refs.append(ref)
+            await self.limiters.disk_call(lambda: disk.save_layer(rec, None))
+        return await self._install(rec, index, pieces=None)
+
+    async def _from_registry(self, ref: str, desc: LayerDescriptor, toc_digest: str) -> Layer:
         deadline = time.monotonic() + self.cfg.lookup_timeout
         blob_digest, annotations, size = desc.digest, dict(desc.annotations), desc.size
+        pieces: list[tuple[int, bytes]] = []
 
         def read(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
             return self.source.fetch_ranges(ref, blob_digest, ranges, deadline=deadline)
 
         def load() -> LayerIndex:
             return load_index(
-                read,
+                _recording(read, pieces),
                 size,
                 annotations=annotations,
                 expected_toc_digest=toc_digest,
@@ -399,18 +1061,74 @@ class LayerManager:
             )
 
         index = await self.limiters.net_call(load)
-        usize_text = annotations.get(UNCOMPRESSED_SIZE_ANNOTATION, "")
-        info = LayerInfo(
+        rec = LayerRecord(
             blob_digest=blob_digest,
             blob_size=size,
             diff_id=desc.diff_id,
             toc_digest=index.toc_digest,
             media_type=desc.media_type,
+            format=index.format,
+            annotations=annotations,
+            refs=[ref],
+        )
+        return await self._install(rec, index, pieces=pieces)
+
+    async def _install(
+        self, rec: LayerRecord, index: LayerIndex, pieces: list[tuple[int, bytes]] | None
+    ) -> Layer:
+        existing = self.layers.get(rec.blob_digest)
+        if existing is not None:  # another lookup won the race
+            return existing
+        usize_text = rec.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION, "")
+        info = LayerInfo(
+            blob_digest=rec.blob_digest,
+            blob_size=rec.blob_size,
+            diff_id=rec.diff_id,
+            toc_digest=index.toc_digest,
+            media_type=rec.media_type,
             uncompressed_size=int(usize_text) if usize_text.isdigit() else None,
         )
-        layer = Layer(info=info, index=index, ref=ref, manager=self, format=index.format)
-        self.layers.setdefault(blob_digest, layer)
-        return self.layers[blob_digest]
+        layer = Layer(
+            info=info,
+            index=index,
+            ref=rec.refs[0],
+            manager=self,
+            format=index.format,
+            refs=list(rec.refs),
+            annotations=dict(rec.annotations),
+        )
+        disk = self.disk
+        if disk is not None:
+
+            def prepare() -> None:
+                if pieces is not None:
+                    disk.save_layer(rec, pieces)
+                if disk.has_blob(rec.blob_digest):
+                    layer.complete = True
+                    return
+                ingest = disk.ingest(rec.blob_digest, rec.blob_size)
+                try:
+                    if not ingest.acquire():
+                        ingest.reload()
+                except OSError as exc:
+                    log.warning("cache: cannot open the download of %s: %s", rec.blob_digest, exc)
+                    return
+                layer.ingest = ingest
+
+            await self.limiters.disk_call(prepare)
+            self._records[rec.blob_digest] = rec.blob_digest
+            self._records[rec.toc_digest] = rec.blob_digest
+        self.layers[rec.blob_digest] = layer
+        if not layer.complete:
+            self.spawn(self._warm_up(layer))
+        return layer
+
+    def _warm_up(self, layer: Layer) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            await layer.prefetch()
+            await layer.background_fetch()
+
+        return run
 
     # -- use / release (the protocol's notifications) -------------------------------------------
 
@@ -418,6 +1136,7 @@ class LayerManager:
         key = (ref, digest)
         self.uses[key] = self.uses.get(key, 0) + 1
         log.info("layer-use ref=%s digest=%s count=%d", ref, digest, self.uses[key])
+        self._uses_dirty.set()
         return self.uses[key]
 
     def release(self, ref: str, digest: str) -> int:
@@ -428,7 +1147,21 @@ class LayerManager:
         else:
             self.uses.pop(key, None)
         log.info("layer-release ref=%s digest=%s count=%d", ref, digest, count)
+        self._uses_dirty.set()
         return count
+
+    async def _save_uses_loop(self) -> None:
+        while True:
+            await self._uses_dirty.wait()
+            self._uses_dirty = trio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write the use counts now (at shutdown)."""
+        if self.disk is not None:
+            snapshot = dict(self.uses)
+            disk = self.disk
+            await self.limiters.disk_call(lambda: disk.save_uses(snapshot))
 
     def forget_unused(self, idle: float = 300.0) -> int:
         """Drop layers no path refers to, that podman does not use, idle for ``idle`` seconds."""
@@ -437,9 +1170,69 @@ class LayerManager:
         dropped = 0
         for digest, layer in list(self.layers.items()):
             if layer.instances == 0 and digest not in used and now - layer.last_used > idle:
+                if layer.background in ("running", "paused", "waiting"):
+                    continue  # still downloading: keep it until done
                 del self.layers[digest]
+                if layer.ingest is not None:
+                    layer.ingest.close()
                 for k, v in list(self._by_path.items()):
                     if v == digest:
                         del self._by_path[k]
                 dropped += 1
         return dropped
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for (ref, digest), n in self.uses.items():
+            blob = self._by_path.get((ref, digest)) or self._records.get(digest)
+            if blob is not None:
+                counts[blob] = counts.get(blob, 0) + n
+        disk = self.disk
+        cache: dict[str, Any] = {
+            "dir": str(self.cache_dir()),
+            "bytes": 0,
+            "limit_bytes": self.cfg.cache_limit_mb * 1024 * 1024,
+            "degraded": None,
+            "hits": self.memory.hits,
+            "misses": self.memory.misses,
+        }
+        if disk is not None:
+            stats = disk.stats()
+            cache.update(
+                bytes=stats["bytes"],
+                degraded=stats["degraded"],
+                hits=self.memory.hits + stats["hits"],
+                misses=stats["misses"],
+            )
+        cache["memory_bytes"] = self.memory.bytes
+        cache["memory_limit_bytes"] = self.memory.max_bytes
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "root": str(self.cfg.root),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "cache": cache,
+            "fetched_bytes": self.fetched_bytes,
+            "layers": [
+                layer.status(counts.get(d, 0)) for d, layer in sorted(self.layers.items())
+            ],
+        }
+
+
+class _Foreground:
+    """While a reader waits for the registry, background downloads pause."""
+
+    def __init__(self, m: LayerManager) -> None:
+        self.m = m
+
+    async def __aenter__(self) -> None:
+        if self.m._busy == 0:
+            self.m._idle = trio.Event()
+        self.m._busy += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.m._busy -= 1
+        if self.m._busy == 0:
+            self.m._idle.set()

@@ -88,7 +88,7 @@ def regconf(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def als(regconf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessMount]:
     root = tmp_path_factory.mktemp("als") / "root"
-    with ProcessMount(root, "--registries-conf", str(regconf)) as m:
+    with ProcessMount(root, "--registries-conf", str(regconf), "--no-background-fetch") as m:
         yield m
 
 

@@ -58,6 +58,8 @@ class ThreadMount:
     """The store served by ``als.store.daemon.serve`` in a background thread."""
 
     def __init__(self, root: Path, source: Any, **cfg: Any) -> None:
+        # Tests measure laziness: whole-layer downloads only where a test asks for them.
+        cfg.setdefault("background_fetch", False)
         self.cfg = StoreConfig(root=root, **cfg)
         self.cfg.pool.mkdir(parents=True, exist_ok=True)
         self.source = source

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -237,7 +238,7 @@ async def test_connection_limit(
 
 
 async def test_failing_status_fn_is_500_and_server_survives(
-    nursery: trio.Nursery, short_dir: Path
+    nursery: trio.Nursery, short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     fail = [True]
 
@@ -247,8 +248,10 @@ async def test_failing_status_fn_is_500_and_server_survives(
         return fake_status()
 
     addrs = await start(nursery, short_dir / "s", status_fn=status_fn)
-    code, _, _ = await get(addrs.socket_path, "/status")
+    with caplog.at_level(logging.ERROR, logger="als.control"):
+        code, _, _ = await get(addrs.socket_path, "/status")
     assert code == 500
+    assert any("status() failed" in r.getMessage() and r.exc_info for r in caplog.records)
     fail[0] = False
     code, _, body = await get(addrs.socket_path, "/status")
     assert code == 200

@@ -561,17 +561,20 @@ class DiskCache:
     def save_layer(self, rec: LayerRecord, toc_pieces: list[tuple[int, bytes]] | None) -> bool:
         hexd = hex_of(rec.blob_digest)
         d = self._layer_dir(hexd)
-        size = 0
+        grown = 0
         if toc_pieces is not None:
             blob = _pack_pieces(toc_pieces)
+            old = _size_of(d / "toc")
             if not self._try_write(d / "toc", blob):
                 return False
-            size += len(blob)
+            grown += len(blob) - old
         body = json.dumps(rec.to_json(), indent=1, sort_keys=True).encode()
-        if not self._try_write(d / "layer.json", body):
-            return False
-        self.account(f"layers/{hexd}", size + len(body), hexd)
-        return True
+        old = _size_of(d / "layer.json")
+        ok = self._try_write(d / "layer.json", body)
+        if ok:
+            grown += len(body) - old
+        self.account(f"layers/{hexd}", grown, hexd)
+        return ok
 
     def load_layer(self, blob_digest: str) -> tuple[LayerRecord, list[tuple[int, bytes]]] | None:
         """The record and TOC bytes of a layer, or None if absent or unreadable."""
@@ -601,9 +604,11 @@ class DiskCache:
     def save_profile(self, blob_digest: str, paths: list[str]) -> bool:
         hexd = hex_of(blob_digest)
         body = json.dumps({"files": paths}).encode()
-        ok = self._try_write(self._layer_dir(hexd) / "profile.json", body)
+        path = self._layer_dir(hexd) / "profile.json"
+        old = _size_of(path)
+        ok = self._try_write(path, body)
         if ok:
-            self.account(f"layers/{hexd}", len(body), hexd)
+            self.account(f"layers/{hexd}", len(body) - old, hexd)
         return ok
 
     def load_profile(self, blob_digest: str) -> list[str]:
@@ -731,6 +736,14 @@ def _unpack_pieces(blob: bytes) -> list[tuple[int, bytes]]:
         out.append((int(off), blob[pos : pos + int(n)]))
         pos += int(n)
     return out
+
+
+def _size_of(path: Path) -> int:
+    """The size of the file a write is about to replace (0 if there is none)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _files(base: Path, depth: int) -> Iterator[Path]:

@@ -573,7 +573,8 @@ class DiskCache:
         ok = self._try_write(d / "layer.json", body)
         if ok:
             grown += len(body) - old
-        self.account(f"layers/{hexd}", grown, hexd)
+        if ok or grown:
+            self.account(f"layers/{hexd}", grown, hexd)
         return ok
 
     def load_layer(self, blob_digest: str) -> tuple[LayerRecord, list[tuple[int, bytes]]] | None:

@@ -494,8 +494,12 @@ class DiskCache:
         path = self.chunk_file(hexd)
         try:
             data = path.read_bytes()
-        except OSError:
+        except OSError as exc:
             self.misses += 1
+            if isinstance(exc, FileNotFoundError):
+                # Removed behind our back (another process evicted it): stop counting it, or
+                # put_chunk would believe it is still there and never write it again.
+                self.forget_unit(f"chunks/{hexd}")
             return None
         if hashlib.sha256(data).hexdigest() != hexd:
             self.corrupt += 1

@@ -229,6 +229,20 @@ def test_altered_chunk_is_detected_removed_and_unaccounted(
     assert cache.total == 1200
 
 
+def test_chunk_removed_by_another_process_is_written_again(cache: DiskCache) -> None:
+    data = os.urandom(256)
+    d = dg(data)
+    assert cache.put_chunk(d, data)
+    cache.chunk_file(d[7:]).unlink()  # e.g. evicted by another process sharing the directory
+    assert cache.get_chunk(d) is None
+    assert not cache.has_chunk(d)
+    assert cache.total == 0
+    assert cache.put_chunk(d, data)
+    assert cache.chunk_file(d[7:]).read_bytes() == data
+    assert cache.get_chunk(d) == data
+    assert cache.total == len(data)
+
+
 def test_truncated_chunk_is_detected(cache: DiskCache) -> None:
     data = os.urandom(100)
     assert cache.put_chunk(dg(data), data)

@@ -189,6 +189,7 @@ class Ingest:
         self._lock_fd = fd
         self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.reload()
+        self.cache.open_ingests[self.hex] = self
         return True
 
     def reload(self) -> None:
@@ -306,6 +307,8 @@ class Ingest:
         self.cache.forget_unit(f"ingest/{self.hex}")
 
     def close(self, *, remove: bool = False) -> None:
+        if self.cache.open_ingests.get(self.hex) is self:
+            del self.cache.open_ingests[self.hex]
         for name in ("_data_fd", "_lock_fd"):
             fd = getattr(self, name)
             if fd is not None:
@@ -338,6 +341,7 @@ class DiskCache:
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
+        self.open_ingests: dict[str, Ingest] = {}  # downloads this process writes
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -689,6 +693,9 @@ class DiskCache:
                 self.chunk_file(name).unlink()
             elif kind == "blobs":
                 self.blob_file(name).unlink()
+            elif kind == "ingest" and name in self.open_ingests:
+                # Ours: keep the download open (it may resume) but drop its data.
+                self.open_ingests[name].discard()
             elif kind == "ingest":
                 d = self.dir / "ingest" / name
                 fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

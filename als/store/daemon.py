@@ -7,6 +7,7 @@ import contextlib
 import errno
 import faulthandler
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -22,9 +23,12 @@ import trio
 
 from als import __version__
 from als.errors import AlsError
+from als.status_cmd import SOCKET_NAME
 from als.store.config import StoreConfig
+from als.store.control import serve_control
 from als.store.fuse_ops import Operations
 from als.store.layers import LayerManager, Source
+from als.store.metrics import Metrics
 
 log = logging.getLogger("als.daemon")
 
@@ -156,6 +160,7 @@ async def serve(
 ) -> None:
     """Mount and serve until SIGTERM/SIGINT (or ``pyfuse3.terminate()``), then unmount."""
     manager = LayerManager(source, cfg)
+    metrics = manager.metrics = Metrics(manager.status)
     # The cache (layer records, use counts) is open before the mount appears, so that podman's
     # existing links into the pool work from the first lookup after a restart.
     await manager.open()
@@ -175,17 +180,30 @@ async def serve(
             if handle_signals:
                 nursery.start_soon(signals)
             await nursery.start(manager.run)
+            await nursery.start(
+                functools.partial(
+                    serve_control,
+                    manager.status,
+                    metrics,
+                    socket_path=Path(cfg.status_socket or cfg.root / SOCKET_NAME),
+                    listen=cfg.metrics_listen,
+                )
+            )
             log.info("als %s serving %s", __version__, cfg.pool)
             sd_notify("READY=1\nSTATUS=serving " + str(cfg.pool))
             task_status.started(ops)
             await pyfuse3.main()
             clean = True
+            with trio.move_on_after(10):
+                await manager.flush()
             nursery.cancel_scope.cancel()
     finally:
         sd_notify("STOPPING=1")
         pyfuse3.close(unmount=True)
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await manager.flush()
+        manager.close()
+        if not clean:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await manager.flush()
         log.info("unmounted %s%s", cfg.pool, "" if clean else " after an error")
 
 
@@ -210,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="download whole layers in the background after start-up (default: on)",
     )
+    p.add_argument("--metrics-listen", metavar="ADDR", help="serve /metrics on HOST:PORT too")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--debug-fuse", action="store_true", default=None, help="libfuse debug output")
     p.add_argument("--version", action="version", version=f"als-mount {__version__}")
@@ -232,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "cache_dir": args.cache_dir,
                 "cache_limit_mb": args.cache_limit_mb,
                 "background_fetch": args.background_fetch,
+                "metrics_listen": args.metrics_listen,
                 "log_level": args.log_level,
                 "debug_fuse": args.debug_fuse,
             },

@@ -759,6 +759,9 @@ class LayerManager:
         self._idle.set()
         self._evicting = False
         self._uses_dirty = trio.Event()
+        self._writes = 0  # cache writes scheduled and not finished
+        self._written = trio.Event()
+        self._written.set()
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -821,10 +824,18 @@ class LayerManager:
 
     def spawn_disk_write(self, fn: Callable[[], None]) -> None:
         async def write() -> None:
-            await self.limiters.disk_call(fn)
+            try:
+                await self.limiters.disk_call(fn)
+            finally:
+                self._writes -= 1
+                if not self._writes:
+                    self._written.set()
             self.after_write()
 
         if self._nursery is not None:
+            if not self._writes:
+                self._written = trio.Event()
+            self._writes += 1
             self._nursery.start_soon(write)
 
     def after_write(self) -> None:
@@ -1157,11 +1168,19 @@ class LayerManager:
             await self.flush()
 
     async def flush(self) -> None:
-        """Write the use counts now (at shutdown)."""
+        """Finish the cache writes under way and write the use counts (before shutdown)."""
+        await self._written.wait()
         if self.disk is not None:
             snapshot = dict(self.uses)
             disk = self.disk
             await self.limiters.disk_call(lambda: disk.save_uses(snapshot))
+
+    def close(self) -> None:
+        """Release the downloads this manager writes (their locks), e.g. at shutdown."""
+        for layer in self.layers.values():
+            layer.stop_background()
+            if layer.ingest is not None:
+                layer.ingest.close()
 
     def forget_unused(self, idle: float = 300.0) -> int:
         """Drop layers no path refers to, that podman does not use, idle for ``idle`` seconds."""

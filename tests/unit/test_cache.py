@@ -785,11 +785,12 @@ def test_evict_within_limit_does_nothing(tmp_path: Path, caplog: pytest.LogCaptu
     assert unlimited.evict(set(), set()).removed == 0
 
 
-def test_evict_skips_ingest_being_written(tmp_path: Path) -> None:
+def test_evict_skips_ingest_another_process_writes(tmp_path: Path) -> None:
     c = DiskCache(tmp_path / "c", 1000)
     c.open()
+    other = DiskCache(tmp_path / "c", 1000)  # a second process sharing the directory
     busy_blob, idle_blob = os.urandom(300), os.urandom(300)
-    busy = c.ingest(dg(busy_blob), len(busy_blob))
+    busy = other.ingest(dg(busy_blob), len(busy_blob))
     assert busy.acquire()
     assert busy.write(0, busy_blob[:200])
     idle = c.ingest(dg(idle_blob), len(idle_blob))
@@ -812,9 +813,29 @@ def test_evict_skips_ingest_being_written(tmp_path: Path) -> None:
     assert report.removed >= 1
     assert c.total <= 0.9 * c.limit
     assert f"ingest/{busy.hex}" in c._units
-    # the download can still finish
+    # the other process's download can still finish
     assert busy.write(200, busy_blob[200:])
     assert busy.finish(dg(busy_blob))
+
+
+def test_evict_empties_our_own_download_but_keeps_it_open(tmp_path: Path) -> None:
+    c = DiskCache(tmp_path / "c", 100)
+    c.open()
+    blob = os.urandom(300)
+    ing = c.ingest(dg(blob), len(blob))
+    assert ing.acquire()
+    assert ing.write(0, blob[:250])
+    assert c.over_limit()
+    report = c.evict(set(), set())
+    assert report.removed == 1
+    assert ing.owned
+    assert ing.ranges == []
+    assert ing.read(0, 10) is None
+    assert c.total <= 90
+    # it can be filled again and finish
+    assert ing.write(0, blob)
+    assert ing.finish(dg(blob))
+    assert c.blob_file(ing.hex).read_bytes() == blob
 
 
 def test_rescan_matches_accounting(cache: DiskCache) -> None:

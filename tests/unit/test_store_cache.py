@@ -1,0 +1,396 @@
+"""The store's cache through LayerManager: dedup, restarts, prefetch, background fetch, eviction.
+
+The registry is the in-process fake (it counts requests and bytes, and can be switched off);
+the cache is a real directory. A "restart" is a new LayerManager over the same directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from als.errors import AlsError
+from als.store.config import StoreConfig
+from als.store.layers import Layer, LayerManager
+from tests.support.fakesource import FakeSource
+from tests.support.layers import LAZY_FORMATS, BuiltLayer, make_layer
+
+REF = "registry.test/app:1"
+REF2 = "registry.test/other:2"
+
+
+def content(name: str, n: int) -> bytes:
+    """Incompressible-ish, distinct content of ``n`` bytes."""
+    out = bytearray()
+    seed = name.encode()
+    while len(out) < n:
+        seed = hashlib.sha256(seed).digest()
+        out += seed
+    return bytes(out[:n])
+
+
+FILES = {f"usr/lib/f{i:02d}": content(f"f{i}", 20_000 + 3_000 * i) for i in range(20)}
+FILES["usr/lib/big"] = content("big", 700_000)
+
+
+@asynccontextmanager
+async def running(src: FakeSource, root: Path, **kw: Any) -> AsyncIterator[LayerManager]:
+    kw.setdefault("background_fetch", False)
+    m = LayerManager(src, StoreConfig(root=root, **kw))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(m.run)
+        yield m
+        await m.flush()  # as the daemon does before it stops
+        nursery.cancel_scope.cancel()
+    m.close()
+
+
+async def read_all(layer: Layer, path: str) -> bytes:
+    i = layer.index.lookup(path)
+    assert i is not None, path
+    return await layer.read(i, 0, layer.index.size(i) + 1)
+
+
+async def wait_for(cond: Callable[[], bool], limit: float = 20.0) -> None:
+    """Poll state the store changes in its own tasks (it has no event for each of them)."""
+    with trio.fail_after(limit):
+        while not cond():  # noqa: ASYNC110 - polling another component's state
+            await trio.sleep(0.02)
+
+
+@pytest.fixture
+def layer() -> BuiltLayer:
+    return make_layer(FILES, "estargz", chunk_size=64 * 1024)
+
+
+async def test_second_reference_fetches_nothing(tmp_path: Path, layer: BuiltLayer) -> None:
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    src.add_image(REF2, [layer])
+    async with running(src, tmp_path) as m:
+        a = await m.lookup(REF, layer.digest)
+        assert await read_all(a, "usr/lib/big") == FILES["usr/lib/big"]
+        sent = src.bytes_sent
+        b = await m.lookup(REF2, layer.toc_digest)
+        assert b is a
+        assert sorted(b.refs) == [REF, REF2]
+        assert await read_all(b, "usr/lib/big") == FILES["usr/lib/big"]
+        assert src.bytes_sent == sent  # no TOC read, no content read
+    # After a restart, the other reference reads from the disk cache.
+    src.fail_all = True
+    async with running(src, tmp_path) as m:
+        b = await m.lookup(REF2, layer.digest)
+        assert await read_all(b, "usr/lib/big") == FILES["usr/lib/big"]
+    assert src.bytes_sent == sent
+
+
+async def test_same_file_in_two_layers_is_fetched_once(tmp_path: Path) -> None:
+    shared = content("shared", 300_000)
+    one = make_layer({"a/shared": shared, "a/one": b"one"}, "estargz", chunk_size=64 * 1024)
+    two = make_layer({"b/shared": shared, "b/two": b"two!"}, "estargz", chunk_size=64 * 1024)
+    assert one.digest != two.digest
+    src = FakeSource()
+    src.add_image(REF, [one, two])
+    async with running(src, tmp_path) as m:
+        l1 = await m.lookup(REF, one.digest)
+        assert await read_all(l1, "a/shared") == shared
+    # A restart (memory empty): the second layer's copy comes from the chunk store.
+    async with running(src, tmp_path) as m:
+        l2 = await m.lookup(REF, two.digest)
+        requests = src.requests
+        assert await read_all(l2, "b/shared") == shared
+        assert src.requests == requests
+
+
+async def test_restart_needs_no_registry_and_ignores_moved_tags(
+    tmp_path: Path, layer: BuiltLayer
+) -> None:
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    async with running(src, tmp_path) as m:
+        lay = await m.lookup(REF, layer.digest)
+        assert await read_all(lay, "usr/lib/f03") == FILES["usr/lib/f03"]
+        m.use(REF, layer.digest)
+    # The tag moves to another image; the registry then goes away entirely.
+    src.add_image(REF, [make_layer({"x": b"new"}, "estargz")])
+    src.fail_all = True
+    resolves = src.resolves
+    async with running(src, tmp_path) as m:
+        assert m.uses == {(REF, layer.digest): 1}
+        await wait_for(lambda: layer.digest in m.layers)  # restored at start-up
+        lay = await m.lookup(REF, layer.digest)
+        assert lay.info.diff_id == layer.diff_id
+        assert await m.lookup(REF, layer.toc_digest) is lay
+        assert await read_all(lay, "usr/lib/f03") == FILES["usr/lib/f03"]
+        with pytest.raises(AlsError):  # never read, registry down: EIO, not wrong data
+            await read_all(lay, "usr/lib/f04")
+        assert m.release(REF, layer.digest) == 0
+    assert src.resolves == resolves
+    async with running(src, tmp_path) as m:
+        assert m.uses == {}
+
+
+@pytest.mark.parametrize("fmt", LAZY_FORMATS)
+async def test_background_fetch_completes_the_layer(tmp_path: Path, fmt: str) -> None:
+    built = make_layer(FILES, fmt, chunk_size=64 * 1024)
+    src = FakeSource()
+    src.add_image(REF, [built])
+    async with running(
+        src, tmp_path, background_fetch=True, background_delay=0, background_range_kb=128
+    ) as m:
+        lay = await m.lookup(REF, built.digest)
+        sent = src.bytes_sent
+        await wait_for(lambda: lay.complete)
+        blob_file = tmp_path / "cache" / "blobs" / "sha256" / built.digest.partition(":")[2]
+        assert blob_file.read_bytes() == built.blob
+        assert not (tmp_path / "cache" / "ingest" / built.digest.partition(":")[2]).exists()
+        assert lay.status(0)["cached_percent"] == 100.0
+        # every byte fetched once
+        assert src.bytes_sent - sent <= len(built.blob)
+        src.fail_all = True
+        for path, data in FILES.items():
+            assert await read_all(lay, path) == data
+    async with running(src, tmp_path) as m:  # offline after a restart as well
+        lay = await m.lookup(REF, built.digest)
+        assert lay.complete
+        assert await read_all(lay, "usr/lib/big") == FILES["usr/lib/big"]
+
+
+async def test_background_fetch_waits_for_readers(tmp_path: Path, layer: BuiltLayer) -> None:
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    async with running(src, tmp_path, background_fetch=True, background_delay=0) as m:
+        async with m.foreground():  # a reader is waiting for the registry
+            lay = await m.lookup(REF, layer.digest)
+            await wait_for(lambda: lay.background == "paused")
+            requests = src.requests
+            await trio.sleep(0.2)
+            assert src.requests == requests
+        await wait_for(lambda: lay.complete)
+
+
+async def test_background_fetch_survives_registry_errors(
+    tmp_path: Path, layer: BuiltLayer
+) -> None:
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    async with running(
+        src, tmp_path, background_fetch=True, background_delay=0, background_range_kb=64
+    ) as m:
+        lay = await m.lookup(REF, layer.digest)
+        src.fail_fetches = 1
+        await wait_for(lambda: lay.complete, limit=30)
+        assert lay.last_error is None
+        assert lay.status(0)["background"] == "done"
+
+
+async def test_partial_download_resumes_after_restart(tmp_path: Path, layer: BuiltLayer) -> None:
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    async with running(src, tmp_path) as m:
+        lay = await m.lookup(REF, layer.digest)
+        for i in range(0, 20, 2):
+            assert await read_all(lay, f"usr/lib/f{i:02d}") == FILES[f"usr/lib/f{i:02d}"]
+        await wait_for(lambda: lay.cached_bytes() > 0)
+        partial = lay.cached_bytes()
+    sent = src.bytes_sent
+    async with running(src, tmp_path, background_fetch=True, background_delay=0) as m:
+        lay = await m.lookup(REF, layer.digest)
+        assert lay.cached_bytes() >= partial
+        await wait_for(lambda: lay.complete)
+    # the resumed download skipped what the reads had already brought in
+    assert src.bytes_sent - sent <= len(layer.blob) - partial + 64 * 1024
+
+
+async def test_corrupt_chunk_on_disk_is_refetched(tmp_path: Path, layer: BuiltLayer) -> None:
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    async with running(src, tmp_path) as m:
+        lay = await m.lookup(REF, layer.digest)
+        assert await read_all(lay, "usr/lib/f05") == FILES["usr/lib/f05"]
+        await wait_for(lambda: any((tmp_path / "cache" / "chunks" / "sha256").rglob("*")))
+    chunk_files = [p for p in (tmp_path / "cache" / "chunks").rglob("*") if p.is_file()]
+    assert chunk_files
+    for p in chunk_files:
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        p.write_bytes(bytes(data))
+    # the downloaded compressed ranges too: nothing local may be trusted
+    ingest = tmp_path / "cache" / "ingest" / layer.digest.partition(":")[2] / "data"
+    raw = bytearray(ingest.read_bytes())
+    for i in range(0, len(raw), 997):
+        raw[i] ^= 0x55
+    ingest.write_bytes(bytes(raw))
+    async with running(src, tmp_path) as m:
+        lay = await m.lookup(REF, layer.digest)
+        requests = src.requests
+        assert await read_all(lay, "usr/lib/f05") == FILES["usr/lib/f05"]
+        assert src.requests > requests
+        assert m.disk is not None and m.disk.corrupt >= 1
+
+
+async def test_corrupt_complete_blob_is_discarded(tmp_path: Path, layer: BuiltLayer) -> None:
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    async with running(src, tmp_path, background_fetch=True, background_delay=0) as m:
+        lay = await m.lookup(REF, layer.digest)
+        await wait_for(lambda: lay.complete)
+    blob_file = tmp_path / "cache" / "blobs" / "sha256" / layer.digest.partition(":")[2]
+    data = bytearray(blob_file.read_bytes())
+    for i in range(0, len(data) - 1000, 501):
+        data[i] ^= 0xFF
+    blob_file.write_bytes(bytes(data))
+    async with running(src, tmp_path) as m:
+        lay = await m.lookup(REF, layer.digest)
+        assert lay.complete
+        assert await read_all(lay, "usr/lib/f07") == FILES["usr/lib/f07"]
+        assert not lay.complete
+        assert not blob_file.exists()
+
+
+async def test_eviction_under_a_small_limit_keeps_reads_correct(
+    tmp_path: Path, layer: BuiltLayer
+) -> None:
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    async with running(src, tmp_path, memory_cache_mb=0) as m:
+        assert m.disk is not None
+        m.disk.limit = 300_000
+        lay = await m.lookup(REF, layer.digest)
+        for _round in range(2):
+            for path, data in FILES.items():
+                assert await read_all(lay, path) == data
+        await wait_for(lambda: m.disk is not None and m.disk.total <= 300_000)
+        m.disk.rescan()
+        assert m.disk.total <= 300_000
+
+
+async def test_eviction_spares_layers_in_use(tmp_path: Path) -> None:
+    used = make_layer({"u/file": content("u", 200_000)}, "estargz", chunk_size=64 * 1024)
+    idle = make_layer({"i/file": content("i", 200_000)}, "estargz", chunk_size=64 * 1024)
+    src = FakeSource()
+    src.add_image(REF, [used, idle])
+    async with running(src, tmp_path, memory_cache_mb=0) as m:
+        assert m.disk is not None
+        lu = await m.lookup(REF, used.digest)
+        m.use(REF, used.digest)
+        assert await read_all(lu, "u/file")
+        li = await m.lookup(REF, idle.digest)
+        assert await read_all(li, "i/file")
+        await trio.sleep(0.1)
+        m.disk.limit = 250_000
+        await m.evict()
+        requests = src.requests
+        assert await read_all(lu, "u/file") == content("u", 200_000)
+        assert src.requests == requests  # the used layer's chunks survived
+        assert m.disk.total <= 250_000
+
+
+async def test_prefetch_fetches_the_landmark_region(tmp_path: Path) -> None:
+    prio = ["usr/lib/f01", "usr/lib/f02", "usr/lib/big"]
+    built = make_layer(FILES, "estargz", chunk_size=64 * 1024, prioritized=prio)
+    src = FakeSource()
+    src.add_image(REF, [built])
+    async with running(src, tmp_path) as m:
+        lay = await m.lookup(REF, built.digest)
+        requests = src.requests
+        await wait_for(lambda: in_memory(m, lay, prio))
+        assert src.requests - requests <= 2  # one large range (two at most)
+        requests = src.requests
+        for p in prio:
+            assert await read_all(lay, p) == FILES[p]
+        assert src.requests == requests
+
+
+def in_memory(m: LayerManager, lay: Layer, paths: list[str]) -> bool:
+    return all(c.digest in m.memory._data for p in paths for c in chunks(lay, p))
+
+
+def chunks(lay: Layer, path: str) -> list[Any]:
+    i = lay.index.lookup(path)
+    assert i is not None
+    return list(lay.index.chunks(i))
+
+
+async def test_learned_profile_prefetches_on_the_next_resolve(tmp_path: Path) -> None:
+    built = make_layer(FILES, "zstd-chunked", chunk_size=64 * 1024)
+    src = FakeSource()
+    src.add_image(REF, [built])
+    opened = ["usr/lib/f11", "usr/lib/f12"]
+    async with running(src, tmp_path, profile_window=0.2) as m:
+        lay = await m.lookup(REF, built.digest)
+        for p in opened:
+            i = lay.index.lookup(p)
+            assert i is not None
+            lay.note_open(i)
+            await read_all(lay, p)
+        profile = tmp_path / "cache" / "layers" / built.digest.partition(":")[2] / "profile.json"
+        await wait_for(profile.exists)
+    # Forget the content (as if evicted), keep the layer record and its profile.
+    for f in (tmp_path / "cache" / "chunks").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    ingest = tmp_path / "cache" / "ingest" / built.digest.partition(":")[2]
+    for f in ingest.iterdir():
+        f.unlink()
+    async with running(src, tmp_path) as m:
+        lay = await m.lookup(REF, built.digest)
+        await wait_for(lambda: in_memory(m, lay, opened))
+        requests = src.requests
+        for p in opened:
+            assert await read_all(lay, p) == FILES[p]
+        assert src.requests == requests
+        assert not in_memory(m, lay, ["usr/lib/f13"])
+
+
+async def test_concurrent_readers_share_one_disk_load(tmp_path: Path, layer: BuiltLayer) -> None:
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    async with running(src, tmp_path) as m:
+        lay = await m.lookup(REF, layer.digest)
+        assert await read_all(lay, "usr/lib/big") == FILES["usr/lib/big"]
+    src.fail_all = True
+    async with running(src, tmp_path) as m:
+        lay = await m.lookup(REF, layer.digest)
+        results: list[bytes] = []
+
+        async def reader(off: int) -> None:
+            i = lay.index.lookup("usr/lib/big")
+            assert i is not None
+            results.append(await lay.read(i, off, 100_000))
+
+        async with trio.open_nursery() as n:
+            for k in range(30):
+                n.start_soon(reader, (k * 37_000) % 600_000)
+        big = FILES["usr/lib/big"]
+        assert sorted(results) == sorted(big[(k * 37_000) % 600_000 :][:100_000] for k in range(30))
+        assert m.disk is not None and m.disk.corrupt == 0
+
+
+async def test_status_reports_layers_and_cache(tmp_path: Path, layer: BuiltLayer) -> None:
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    async with running(src, tmp_path) as m:
+        lay = await m.lookup(REF, layer.digest)
+        m.use(REF, layer.digest)
+        await read_all(lay, "usr/lib/big")
+        await wait_for(lambda: lay.cached_bytes() > 0)
+        st = m.status()
+        assert st["pid"] == os.getpid()
+        assert st["cache"]["dir"] == str(tmp_path / "cache")
+        assert st["cache"]["bytes"] > 0
+        (row,) = st["layers"]
+        assert row["digest"] == layer.digest
+        assert row["refs"] == [REF]
+        assert row["uses"] == 1
+        assert row["size"] == len(layer.blob)
+        assert 0 < row["cached_bytes"] < row["size"]
+        assert row["cached_percent"] == round(100 * row["cached_bytes"] / row["size"], 1)
+        assert row["background"] == "off"

@@ -609,6 +609,15 @@ class Layer:
             self.background = "off"
             log.info("background-skip layer=%s: another process downloads it", self.digest)
             return
+        disk = m.disk
+        if disk.limit and self.info.blob_size > disk.limit // 2:
+            self.background = "off"
+            log.warning(
+                "background-skip layer=%s: %d bytes is more than half the cache limit",
+                self.digest,
+                self.info.blob_size,
+            )
+            return
         with trio.CancelScope() as scope:
             self._bg_scope = scope
             self.background = "waiting"

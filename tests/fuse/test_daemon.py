@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -106,3 +107,46 @@ def test_wait_helper_notices_early_exit(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         wait_mounted(tmp_path, timeout=5, proc=p)
     time.sleep(0)
+
+
+def test_status_and_metrics_of_the_running_daemon(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with ProcessMount(tmp_path / "root", "--metrics-listen", f"127.0.0.1:{port}") as m:
+        assert m.proc is not None
+        sock = m.root / ".als.sock"
+        assert sock.exists()
+        assert sock.stat().st_mode & 0o777 == 0o660
+        p = subprocess.run(
+            [sys.executable, "-m", "als", "status", str(m.root), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        doc = json.loads(p.stdout)
+        assert doc["pid"] == m.proc.pid
+        assert doc["layers"] == []
+        assert doc["cache"]["dir"] == str(m.root / "cache")
+        assert doc["cache"]["limit_bytes"] == 10240 * 1024 * 1024
+        assert (m.root / "cache" / "blobs" / "sha256").is_dir()
+        assert (m.root / "cache").stat().st_mode & 0o777 == 0o700
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            body = b""
+            while chunk := c.recv(65536):
+                body += chunk
+        assert body.startswith(b"HTTP/1.0 200")
+        assert b"als_fuse_read_seconds_bucket" in body
+        assert b"als_cache_limit_bytes 1.073741824e+10" in body
+    assert not sock.exists()
+    p = subprocess.run(
+        [sys.executable, "-m", "als", "status", str(m.root)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert p.returncode == 1
+    assert "no running store" in p.stderr

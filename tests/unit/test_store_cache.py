@@ -7,8 +7,10 @@ the cache is a real directory. A "restart" is a new LayerManager over the same d
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-from collections.abc import AsyncIterator, Callable
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -394,3 +396,38 @@ async def test_status_reports_layers_and_cache(tmp_path: Path, layer: BuiltLayer
         assert 0 < row["cached_bytes"] < row["size"]
         assert row["cached_percent"] == round(100 * row["cached_bytes"] / row["size"], 1)
         assert row["background"] == "off"
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs: the cache fills it at once."""
+    small = tmp_path / "small"
+    small.mkdir()
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs: {exc}")
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False, capture_output=True)
+
+
+async def test_full_disk_reads_carry_on_and_say_so_once(
+    tmp_path: Path, full_disk: Path, layer: BuiltLayer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="als")
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    async with running(src, tmp_path, cache_dir=str(full_disk / "cache"), memory_cache_mb=1) as m:
+        lay = await m.lookup(REF, layer.digest)
+        for _round in range(2):
+            for path, data in FILES.items():
+                assert await read_all(lay, path) == data
+        await m.flush()
+        assert m.status()["cache"]["degraded"]
+    assert caplog.text.count("cache-degraded") == 1

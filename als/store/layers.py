@@ -203,6 +203,9 @@ class Layer:
     has_profile: bool = False
     _profile: dict[str, None] | None = None
     _bg_scope: trio.CancelScope | None = None
+    # The background range being fetched: readers of bytes inside it wait for it instead of
+    # fetching the same bytes again.
+    _bg_piece: tuple[int, int, trio.Event] | None = None
 
     @property
     def digest(self) -> str:
@@ -313,6 +316,11 @@ class Layer:
         m = self.manager
         out: dict[str, bytes] = {}
         cache = m.disk
+        piece = self._bg_piece
+        if piece is not None and any(
+            c.coffset < piece[1] and c.cend > piece[0] for _, c in items if not c.zeros
+        ):
+            await piece[2].wait()
         # 1. The disk cache (by chunk digest) and the local compressed bytes.
         local: dict[str, bytes] = {}
         if cache is not None and self._maybe_local(items, whole):
@@ -633,7 +641,11 @@ class Layer:
         failures = 0
         start = time.monotonic()
         fetched0 = self.fetched_bytes
-        while missing := ingest.missing():
+        while True:
+            await m.writes_done()  # ranges readers fetched are recorded before we look
+            missing = ingest.missing()
+            if not missing:
+                break
             s, e = missing[0]
             e = min(e, s + piece)
             if m.busy:
@@ -661,8 +673,7 @@ class Layer:
 
             t0 = time.monotonic()
             try:
-                with trio.fail_after(cfg.read_timeout + 5):
-                    (data,) = await m.limiters.background_call(fetch)
+                data = await self._background_piece(fetch, s, e, ingest)
             except (AlsError, trio.TooSlowError) as exc:
                 failures += 1
                 delay = min(2.0**failures, _BACKGROUND_RETRY_MAX)
@@ -675,11 +686,7 @@ class Layer:
                 continue
             failures = 0
             dt = time.monotonic() - t0
-            self.fetched_bytes += len(data)
-            m.fetched_bytes += len(data)
-            if m.metrics is not None:
-                m.metrics.observe_fetch("background", dt, len(data))
-            if not await m.limiters.disk_call(partial(ingest.write, s, data)):
+            if data is None:
                 self.background = "off"
                 log.warning("background-stopped layer=%s: the cache cannot be written", self.digest)
                 return
@@ -702,6 +709,27 @@ class Layer:
         else:
             self.background = "failed"
             self.last_error = "the downloaded blob did not match its digest"
+
+    async def _background_piece(
+        self, fetch: Callable[[], list[bytes]], s: int, e: int, ingest: Ingest
+    ) -> bytes | None:
+        """Fetch [s, e) and record it; None if the cache cannot be written."""
+        m = self.manager
+        ev = trio.Event()
+        self._bg_piece = (s, e, ev)
+        try:
+            t0 = time.monotonic()
+            with trio.fail_after(m.cfg.read_timeout + 5):
+                (data,) = await m.limiters.background_call(fetch)
+            self.fetched_bytes += len(data)
+            m.fetched_bytes += len(data)
+            if m.metrics is not None:
+                m.metrics.observe_fetch("background", time.monotonic() - t0, len(data))
+            written = await m.limiters.disk_call(partial(ingest.write, s, data))
+        finally:
+            self._bg_piece = None
+            ev.set()
+        return data if written else None
 
     def stop_background(self) -> None:
         if self._bg_scope is not None:
@@ -846,6 +874,9 @@ class LayerManager:
                 self._written = trio.Event()
             self._writes += 1
             self._nursery.start_soon(write)
+
+    async def writes_done(self) -> None:
+        await self._written.wait()
 
     def after_write(self) -> None:
         if self.disk is not None and self.disk.over_limit() and not self._evicting:
@@ -1134,6 +1165,9 @@ class LayerManager:
                     log.warning("cache: cannot open the download of %s: %s", rec.blob_digest, exc)
                     return
                 layer.ingest = ingest
+                if ingest.owned and pieces:  # the TOC's bytes are blob bytes too: keep them
+                    for off, data in pieces:
+                        ingest.write(off, data)
 
             await self.limiters.disk_call(prepare)
             self._records[rec.blob_digest] = rec.blob_digest

@@ -252,10 +252,19 @@ def test_protocol1_annotation_discovery(mount: ThreadMount, image: Image) -> Non
     assert not mount.pool.joinpath(*segs, "rootfs.../x").exists()
 
 
+def _forget_local_bytes(mount: ThreadMount, digest: str) -> None:
+    """A small blob lies entirely in the bytes read at lookup, which the store keeps: drop
+    them, so that file content has to come from the registry."""
+    lay = mount.ops.manager.layers[digest]
+    if lay.ingest is not None:
+        lay.ingest.discard()
+
+
 def test_read_failure_is_eio_then_recovers(mount: ThreadMount, image: Image) -> None:
     src, layers = image
     root = mount.layer_dir(REF, layers[0].digest) / "diff"
     os.stat(root / "bin/busybox")
+    _forget_local_bytes(mount, layers[0].digest)
     src.fail_all = True  # the registry is down: reads fail, the daemon stays up
     with pytest.raises(OSError) as e:
         (root / "bin/busybox").read_bytes()
@@ -269,6 +278,7 @@ def test_corrupt_bytes_are_never_served(mount: ThreadMount, image: Image) -> Non
     src, layers = image
     root = mount.layer_dir(REF, layers[0].digest) / "diff"
     os.stat(root / "bin/busybox")
+    _forget_local_bytes(mount, layers[0].digest)
     src.corrupt = True
     with pytest.raises(OSError) as e:
         (root / "bin/busybox").read_bytes()

@@ -43,6 +43,8 @@ _HEX = frozenset("0123456789abcdef")
 _TOUCH_EVERY = 60.0  # seconds between mtime updates that persist a unit's recency
 _RETRY_DEGRADED = 30.0  # seconds before writes are tried again after a failure
 _LOW_WATER = 0.9  # eviction frees down to this fraction of the limit
+_RECORD_EVERY = 1.0  # seconds between rewrites of a download's ranges record
+_RECORD_NOW = 256 * 1024  # a write at least this large is recorded at once
 
 
 def hex_of(digest: str) -> str:
@@ -172,6 +174,8 @@ class Ingest:
         self._lock_fd: int | None = None
         self._data_fd: int | None = None
         self._mutex = threading.Lock()
+        self._dirty = False
+        self._saved_at = 0.0
 
     @property
     def owned(self) -> bool:
@@ -227,15 +231,35 @@ class Ingest:
         with self._mutex:
             try:
                 os.pwrite(self._data_fd, data, offset)
-                new = merge_ranges([*self.ranges, (offset, offset + len(data))])
-                self.cache.write_atomic(self.ranges_path, json.dumps(new).encode())
             except OSError as exc:
                 self.cache.write_failed(exc)
                 return False
+            new = merge_ranges([*self.ranges, (offset, offset + len(data))])
             grown = sum(e - s for s, e in new) - self.present()
             self.ranges = new
+            # The record follows the data: at once for large writes (background pieces), at
+            # most once a second for small ones (and at close). After a crash it may name less
+            # than the file holds, never more.
+            self._dirty = True
+            if len(data) >= _RECORD_NOW or time.monotonic() - self._saved_at >= _RECORD_EVERY:
+                self._save_record()
         self.cache.account(f"ingest/{self.hex}", grown, self.hex)
         return True
+
+    def _save_record(self) -> None:
+        try:
+            self.cache.write_atomic(self.ranges_path, json.dumps(self.ranges).encode())
+        except OSError as exc:
+            self.cache.write_failed(exc)
+            return
+        self._dirty = False
+        self._saved_at = time.monotonic()
+
+    def flush(self) -> None:
+        """Write the ranges record if it is behind."""
+        with self._mutex:
+            if self._dirty and self._data_fd is not None:
+                self._save_record()
 
     def read(self, offset: int, length: int) -> bytes | None:
         """Bytes the record lists as present, or None."""
@@ -307,6 +331,8 @@ class Ingest:
         self.cache.forget_unit(f"ingest/{self.hex}")
 
     def close(self, *, remove: bool = False) -> None:
+        if not remove:
+            self.flush()
         if self.cache.open_ingests.get(self.hex) is self:
             del self.cache.open_ingests[self.hex]
         for name in ("_data_fd", "_lock_fd"):

@@ -334,6 +334,18 @@ def test_ingest_lock_is_exclusive(cache: DiskCache) -> None:
     second.close()
 
 
+def test_ingest_record_is_throttled_and_flushed_at_close(cache: DiskCache) -> None:
+    blob = os.urandom(100)
+    ing = cache.ingest(dg(blob), len(blob))
+    assert ing.acquire()
+    assert ing.write(0, blob[:10])  # the first write records at once
+    assert json.loads(ing.ranges_path.read_bytes()) == [[0, 10]]
+    assert ing.write(50, blob[50:60])  # within a second: recorded later
+    assert json.loads(ing.ranges_path.read_bytes()) == [[0, 10]]
+    ing.close()
+    assert json.loads(ing.ranges_path.read_bytes()) == [[0, 10], [50, 60]]
+
+
 def test_ingest_write_read_missing(cache: DiskCache) -> None:
     blob = os.urandom(100)
     ing = cache.ingest(dg(blob), len(blob))
@@ -359,6 +371,8 @@ def test_ingest_write_read_missing(cache: DiskCache) -> None:
     assert ing.ranges == [(10, 30), (60, 70)]
     assert ing.write(30, blob[30:60])
     assert ing.ranges == [(10, 70)]
+    # the record follows at most once a second, or when asked
+    ing.flush()
     assert json.loads(ing.ranges_path.read_bytes()) == [[10, 70]]
     assert cache.total == 60
     # A reader that does not own the download sees the same ranges.

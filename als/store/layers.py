@@ -845,6 +845,9 @@ class LayerManager:
                 dropped = self.forget_unused()
                 if dropped:
                     log.info("released %d idle layer(s)", dropped)
+                ingests = [x.ingest for x in self.layers.values() if x.ingest is not None]
+                for ingest in ingests:
+                    await self.limiters.disk_call(ingest.flush)
                 if ticks % 10 == 0 and self.disk is not None:
                     await self.limiters.disk_call(self.disk.rescan)
                 await self.evict()

@@ -116,3 +116,25 @@ def test_convert_errors_are_one_clear_line(
     assert main([*args, "--prioritize", "x"]) == 1
     assert "eStargz" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """``als inspect BLOB | head``: no traceback when the reader has gone."""
+    import subprocess
+    import sys
+
+    from tests.support.layers import make_layer
+
+    blob = tmp_path / "layer"
+    blob.write_bytes(make_layer(SPEC, "estargz").blob)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "als", "inspect", str(blob)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the interpreter has started: the reader is gone
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""

@@ -73,19 +73,6 @@ UPPER: dict[str, bytes | FileSpec] = {
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
-    with RegistryServer(tmp_path_factory.mktemp("registry")) as reg:
-        yield reg
-
-
-@pytest.fixture(scope="module")
-def regconf(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_registries_conf(
-        tmp_path_factory.mktemp("conf") / "registries.conf", [registry.host]
-    )
-
-
-@pytest.fixture(scope="module")
 def als(regconf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessMount]:
     root = tmp_path_factory.mktemp("als") / "root"
     with ProcessMount(root, "--registries-conf", str(regconf), "--no-background-fetch") as m:

@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import pytest
 from als.status_cmd import StatusError, fetch_status
 from tests.support.layers import BuiltLayer, FileSpec, make_layer
 from tests.support.mount import ProcessMount, needs_fuse
-from tests.support.podman import PODMAN, RUN_FLAGS, Podman, write_registries_conf
+from tests.support.podman import PODMAN, RUN_FLAGS, Podman
 from tests.support.registry import RegistryServer, push_image, registry_available
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -67,19 +67,6 @@ class Images:
     top_b: BuiltLayer
     ref_a: str
     ref_b: str
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
-    with RegistryServer(tmp_path_factory.mktemp("registry")) as reg:
-        yield reg
-
-
-@pytest.fixture(scope="module")
-def regconf(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_registries_conf(
-        tmp_path_factory.mktemp("conf") / "registries.conf", [registry.host]
-    )
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fakesource import FakeSource
-from tests.support.layers import make_layer
+from tests.support.layers import make_layer, noise
 from tests.support.mount import ThreadMount, b64, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
@@ -26,17 +26,10 @@ pytestmark = [needs_fuse, pytest.mark.fuse]
 REF = "registry.test/cache/demo:1"
 
 
-def blob(name: str, n: int) -> bytes:
-    out = bytearray()
-    seed = name.encode()
-    while len(out) < n:
-        seed = hashlib.sha256(seed).digest()
-        out += seed
-    return bytes(out[:n])
 
 
-FILES = {f"srv/data/file{i:02d}.bin": blob(str(i), 40_000 + 7_000 * i) for i in range(24)}
-FILES["srv/big.bin"] = blob("big", 1_500_000)
+FILES = {f"srv/data/file{i:02d}.bin": noise(str(i), 40_000 + 7_000 * i) for i in range(24)}
+FILES["srv/big.bin"] = noise("big", 1_500_000)
 
 
 def sums(root: Path) -> dict[str, str]:

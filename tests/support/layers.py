@@ -9,6 +9,7 @@ Keep this small and stable: FUSE, store and end-to-end tests build their layers 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "go_made",
     "make_layer",
     "make_tar",
+    "noise",
 ]
 
 # Names accepted by make_layer. The lazy ones are what the store serves lazily.
@@ -102,3 +104,13 @@ def go_made(name: str) -> bytes:
     if not path.is_file():
         pytest.skip(f"Go-made fixture {name} not available")
     return path.read_bytes()
+
+
+def noise(name: str, n: int) -> bytes:
+    """``n`` incompressible bytes, the same for the same ``name`` (a SHA-256 chain)."""
+    out = bytearray()
+    seed = name.encode()
+    while len(out) < n:
+        seed = hashlib.sha256(seed).digest()
+        out += seed
+    return bytes(out[:n])

@@ -6,7 +6,6 @@ the cache is a real directory. A "restart" is a new LayerManager over the same d
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -22,24 +21,16 @@ from als.errors import AlsError
 from als.store.config import StoreConfig
 from als.store.layers import Layer, LayerManager
 from tests.support.fakesource import FakeSource
-from tests.support.layers import LAZY_FORMATS, BuiltLayer, make_layer
+from tests.support.layers import LAZY_FORMATS, BuiltLayer, make_layer, noise
 
 REF = "registry.test/app:1"
 REF2 = "registry.test/other:2"
 
 
-def content(name: str, n: int) -> bytes:
-    """Incompressible-ish, distinct content of ``n`` bytes."""
-    out = bytearray()
-    seed = name.encode()
-    while len(out) < n:
-        seed = hashlib.sha256(seed).digest()
-        out += seed
-    return bytes(out[:n])
 
 
-FILES = {f"usr/lib/f{i:02d}": content(f"f{i}", 20_000 + 3_000 * i) for i in range(20)}
-FILES["usr/lib/big"] = content("big", 700_000)
+FILES = {f"usr/lib/f{i:02d}": noise(f"f{i}", 20_000 + 3_000 * i) for i in range(20)}
+FILES["usr/lib/big"] = noise("big", 700_000)
 
 
 @asynccontextmanager
@@ -94,7 +85,7 @@ async def test_second_reference_fetches_nothing(tmp_path: Path, layer: BuiltLaye
 
 
 async def test_same_file_in_two_layers_is_fetched_once(tmp_path: Path) -> None:
-    shared = content("shared", 300_000)
+    shared = noise("shared", 300_000)
     one = make_layer({"a/shared": shared, "a/one": b"one"}, "estargz", chunk_size=64 * 1024)
     two = make_layer({"b/shared": shared, "b/two": b"two!"}, "estargz", chunk_size=64 * 1024)
     assert one.digest != two.digest
@@ -275,8 +266,8 @@ async def test_eviction_under_a_small_limit_keeps_reads_correct(
 
 
 async def test_eviction_spares_layers_in_use(tmp_path: Path) -> None:
-    used = make_layer({"u/file": content("u", 200_000)}, "estargz", chunk_size=64 * 1024)
-    idle = make_layer({"i/file": content("i", 200_000)}, "estargz", chunk_size=64 * 1024)
+    used = make_layer({"u/file": noise("u", 200_000)}, "estargz", chunk_size=64 * 1024)
+    idle = make_layer({"i/file": noise("i", 200_000)}, "estargz", chunk_size=64 * 1024)
     src = FakeSource()
     src.add_image(REF, [used, idle])
     async with running(src, tmp_path, memory_cache_mb=0) as m:
@@ -290,7 +281,7 @@ async def test_eviction_spares_layers_in_use(tmp_path: Path) -> None:
         m.disk.limit = 250_000
         await m.evict()
         requests = src.requests
-        assert await read_all(lu, "u/file") == content("u", 200_000)
+        assert await read_all(lu, "u/file") == noise("u", 200_000)
         assert src.requests == requests  # the used layer's chunks survived
         assert m.disk.total <= 250_000
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import random
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,18 +17,11 @@ from typing import Any
 import pytest
 
 from tests.support.layers import FileSpec, make_layer, make_tar
-from tests.support.mount import ProcessMount, needs_fuse
-from tests.support.podman import PODMAN, Podman, write_registries_conf
-from tests.support.registry import RegistryServer, push_image, registry_available
+from tests.support.mount import ProcessMount
+from tests.support.podman import BUSYBOX, Podman, e2e_marks, write_registries_conf
+from tests.support.registry import RegistryServer, push_image
 
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
-pytestmark = [
-    needs_fuse,
-    pytest.mark.podman,
-    pytest.mark.skipif(PODMAN is None, reason="podman not installed"),
-    pytest.mark.skipif(not registry_available(), reason="docker-registry not installed"),
-    pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="busybox-static not installed"),
-]
+pytestmark = e2e_marks()
 
 APPLETS = ["sh", "cat", "ls", "sha256sum", "head", "wc", "echo"]
 rng = random.Random(42)

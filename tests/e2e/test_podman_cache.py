@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -25,18 +23,11 @@ import pytest
 
 from als.status_cmd import StatusError, fetch_status
 from tests.support.layers import BuiltLayer, FileSpec, make_layer
-from tests.support.mount import ProcessMount, needs_fuse
-from tests.support.podman import PODMAN, RUN_FLAGS, Podman
-from tests.support.registry import RegistryServer, push_image, registry_available
+from tests.support.mount import ProcessMount
+from tests.support.podman import BUSYBOX, PODMAN, RUN_FLAGS, Podman, e2e_marks
+from tests.support.registry import RegistryServer, push_image
 
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
-pytestmark = [
-    needs_fuse,
-    pytest.mark.podman,
-    pytest.mark.skipif(PODMAN is None, reason="podman not installed"),
-    pytest.mark.skipif(not registry_available(), reason="docker-registry not installed"),
-    pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="busybox-static not installed"),
-]
+pytestmark = e2e_marks()
 
 APPLETS = ["sh", "cat", "sleep", "sha256sum", "head", "echo"]
 rng = random.Random(20240611)

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 RUN_FLAGS = [
     "--runtime",
     "runc",
@@ -21,6 +23,21 @@ RUN_FLAGS = [
     "none",
 ]
 PODMAN = shutil.which("podman")
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+
+def e2e_marks() -> list[pytest.MarkDecorator]:
+    """The marks of an end-to-end module: FUSE, podman, docker-registry and busybox-static."""
+    from tests.support.mount import needs_fuse
+    from tests.support.registry import registry_available
+
+    return [
+        needs_fuse,
+        pytest.mark.podman,
+        pytest.mark.skipif(PODMAN is None, reason="podman not installed"),
+        pytest.mark.skipif(not registry_available(), reason="docker-registry not installed"),
+        pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="busybox-static not installed"),
+    ]
 
 
 def write_registries_conf(path: Path, insecure_hosts: list[str]) -> Path:

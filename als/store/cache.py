@@ -55,11 +55,14 @@ def hex_of(digest: str) -> str:
     return hexpart
 
 
-def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, merged (start, end) ranges; empty ranges dropped."""
+def merge_ranges(ranges: Iterable[tuple[int, int]], gap: int = 0) -> list[tuple[int, int]]:
+    """Sorted, merged (start, end) ranges; empty ranges dropped.
+
+    Ranges that overlap, touch or lie within ``gap`` bytes of each other become one.
+    """
     out: list[tuple[int, int]] = []
     for s, e in sorted(r for r in ranges if r[1] > r[0]):
-        if out and s <= out[-1][1]:
+        if out and s <= out[-1][1] + gap:
             if e > out[-1][1]:
                 out[-1] = (out[-1][0], e)
         else:

@@ -30,7 +30,7 @@ from als import __version__
 from als.errors import AlsError, FormatError, NotFound, NotLazy, RegistryError, VerifyError
 from als.formats import Chunk, EntryType, LayerIndex, decode_chunk, load_index, verify_file
 from als.registry.client import LayerDescriptor
-from als.store.cache import DiskCache, Ingest, LayerRecord
+from als.store.cache import DiskCache, Ingest, LayerRecord, merge_ranges
 from als.store.config import StoreConfig
 from als.store.protocol import UNCOMPRESSED_SIZE_ANNOTATION, LayerInfo, toc_digest_of
 
@@ -132,18 +132,6 @@ class ChunkCache:
             _, evicted = self._data.popitem(last=False)
             self.bytes -= len(evicted)
         return True
-
-
-def coalesce(ranges: Sequence[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
-    """Merge (start, end) ranges that overlap or lie within ``gap`` bytes of each other."""
-    out: list[tuple[int, int]] = []
-    for start, end in sorted(ranges):
-        if out and start <= out[-1][1] + gap:
-            if end > out[-1][1]:
-                out[-1] = (out[-1][0], end)
-        else:
-            out.append((start, end))
-    return out
 
 
 Item = tuple[int, Chunk]  # (file id, chunk)
@@ -282,7 +270,7 @@ class Layer:
         m = self.manager
         index = self.index
         # A file verified as a whole needs all its chunks, from one source.
-        whole = {fid for fid, _ in items if index.whole_file_verify(fid)}
+        whole = {fid for fid in {f for f, _ in items} if index.whole_file_verify(fid)}
         if whole:
             seen = {self.key(c) for _, c in items}
             for fid in whole:
@@ -442,7 +430,7 @@ class Layer:
         m = self.manager
         need = [c for _, c in pending if not c.zeros]
         gap = _PREFETCH_GAP if kind == "prefetch" else m.cfg.coalesce_gap
-        spans = coalesce([(c.coffset, c.cend) for c in need], gap)
+        spans = merge_ranges([(c.coffset, c.cend) for c in need], gap)
         if not spans:
             return {}, []
         deadline = time.monotonic() + m.cfg.read_timeout
@@ -900,14 +888,17 @@ class LayerManager:
 
     # -- eviction -------------------------------------------------------------------------------
 
-    def _protected(self) -> tuple[set[str], set[str]]:
-        layers: set[str] = set()
+    def _uses_by_blob(self) -> dict[str, int]:
+        """Podman's use counts, summed per blob digest (a layer has several paths)."""
+        counts: dict[str, int] = {}
         for (ref, digest), n in self.uses.items():
-            if n <= 0:
-                continue
             blob = self._by_path.get((ref, digest)) or self._records.get(digest)
             if blob is not None:
-                layers.add(blob)
+                counts[blob] = counts.get(blob, 0) + n
+        return counts
+
+    def _protected(self) -> tuple[set[str], set[str]]:
+        layers = {blob for blob, n in self._uses_by_blob().items() if n > 0}
         chunks: set[str] = set()
         for blob in layers:
             layer = self.layers.get(blob)
@@ -1249,11 +1240,7 @@ class LayerManager:
     # -- status ---------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        counts: dict[str, int] = {}
-        for (ref, digest), n in self.uses.items():
-            blob = self._by_path.get((ref, digest)) or self._records.get(digest)
-            if blob is not None:
-                counts[blob] = counts.get(blob, 0) + n
+        counts = self._uses_by_blob()
         disk = self.disk
         cache: dict[str, Any] = {
             "dir": str(self.cache_dir()),

@@ -9,8 +9,9 @@ import pytest
 import trio
 
 from als.errors import NotFound
+from als.store.cache import merge_ranges
 from als.store.config import StoreConfig
-from als.store.layers import LayerManager, coalesce
+from als.store.layers import LayerManager
 from tests.support.fakesource import FakeSource
 from tests.support.layers import BuiltLayer, make_layer
 
@@ -104,8 +105,8 @@ async def test_use_and_release_counts() -> None:
     assert m.release(REF, "d") == 0  # never negative (a release after a restart)
 
 
-def test_coalesce() -> None:
-    assert coalesce([(10, 20), (0, 5), (25, 30)], 5) == [(0, 30)]
-    assert coalesce([(0, 5), (100, 110)], 10) == [(0, 5), (100, 110)]
-    assert coalesce([(0, 50), (10, 20)], 0) == [(0, 50)]
-    assert coalesce([], 10) == []
+def test_merge_ranges_with_a_gap() -> None:
+    assert merge_ranges([(10, 20), (0, 5), (25, 30)], 5) == [(0, 30)]
+    assert merge_ranges([(0, 5), (100, 110)], 10) == [(0, 5), (100, 110)]
+    assert merge_ranges([(0, 50), (10, 20)], 0) == [(0, 50)]
+    assert merge_ranges([], 10) == []

@@ -21,14 +21,30 @@ kind                   effect
 ``redirect``           307 to a second listener (``redirect_host``, default 127.0.0.2) that
                        serves the same upstream path, like object storage behind a signed URL;
                        after ``expire_after`` uses a redirect URL answers 403
+``stall``              wait ``delay`` seconds before answering at all (then answer normally)
 =====================  ======================================================================
+
+``probability`` (default 1) makes a fault apply to a matching request only that often (drawn
+from the proxy's own ``random.Random(seed)``); requests it skips do not count towards ``times``.
+``random_offset`` makes ``reset``/``truncate`` cut, and ``corrupt`` flip, at a random offset of
+the body instead of ``after_bytes``/``corrupt_at``. ``remove(fault)`` takes one fault out again.
+
+``set_reachable(False)`` makes the proxy unreachable: its listener is closed (connections are
+refused) and every connection it holds is shut down; ``set_reachable(True)`` listens again on
+the same port. ``unreachable_for(seconds)`` does both, the second from a timer thread.
+
+``Schedule`` runs ``Phase``s in turns (faults added for the phase's duration, or the proxy
+unreachable, or an action called at its start) and records when each phase really started and
+ended, so that a harness can tell which fault was active at a given moment.
 
 Reused by the reliability tests: keep it general (no registry specifics beyond Location rewrite).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import random
 import re
 import socket
 import ssl
@@ -36,6 +52,7 @@ import struct
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -43,7 +60,7 @@ from typing import Any
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
 KINDS = {"status", "drop", "reset", "truncate", "slow", "corrupt", "ignore_range",
-         "refuse_multirange", "ignore_multirange", "first_range_only", "redirect"}
+         "refuse_multirange", "ignore_multirange", "first_range_only", "redirect", "stall"}
 
 
 @dataclass
@@ -59,11 +76,15 @@ class Fault:
     corrupt_at: int = 0
     only_ranged: bool = False  # only requests that carry a Range header
     expire_after: int | None = None  # redirect: uses before the redirected URL answers 403
+    probability: float = 1.0  # applies to a matching request this often
+    random_offset: bool = False  # reset/truncate/corrupt at a random offset of the body
     hits: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}")
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"probability {self.probability} is not within [0, 1]")
 
 
 @dataclass
@@ -89,7 +110,7 @@ class _Ticket:
 class FaultProxy:
     def __init__(self, upstream: str, *, host: str = "127.0.0.1",
                  redirect_host: str = "127.0.0.2",
-                 upstream_ssl: ssl.SSLContext | None = None) -> None:
+                 upstream_ssl: ssl.SSLContext | None = None, seed: int | None = None) -> None:
         u = urllib.parse.urlsplit(upstream)
         self.upstream_scheme = u.scheme
         self.upstream_netloc = u.netloc
@@ -102,6 +123,10 @@ class FaultProxy:
         self._tickets: dict[str, _Ticket] = {}
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
+        self._random = random.Random(seed)
+        self._reachable = True
+        self._conns: set[socket.socket] = set()  # client connections of the proxy listener
+        self._timers: list[threading.Timer] = []
         self.port = 0
         self.redirect_port = 0
 
@@ -123,9 +148,53 @@ class FaultProxy:
             self.faults.append(fault)
         return fault
 
+    def remove(self, fault: Fault) -> None:
+        with self._lock:
+            self.faults = [f for f in self.faults if f is not fault]
+
     def clear(self) -> None:
         with self._lock:
             self.faults.clear()
+
+    @property
+    def reachable(self) -> bool:
+        return self._reachable
+
+    def set_reachable(self, up: bool) -> None:
+        """Close the proxy listener and its connections (``False``), or listen again on the
+        same port (``True``). The redirect listener is left alone."""
+        with self._lock:
+            if up == self._reachable or not self._servers:
+                return
+            self._reachable = up
+        if not up:
+            srv = self._servers[0]
+            srv.shutdown()
+            srv.server_close()
+            with self._lock:
+                conns = list(self._conns)
+                self._conns.clear()
+            for c in conns:
+                with contextlib.suppress(OSError):  # already closed by its handler
+                    c.shutdown(socket.SHUT_RDWR)
+            return
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self._servers[0] = self._serve(self.bind_host, "proxy", self.port)
+                return
+            except OSError:  # the port is briefly busy after the close; it frees up at once
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def unreachable_for(self, seconds: float) -> None:
+        """Unreachable now, reachable again after ``seconds`` (from a timer thread)."""
+        self.set_reachable(False)
+        t = threading.Timer(seconds, self.set_reachable, args=(True,))
+        t.daemon = True
+        self._timers.append(t)
+        t.start()
 
     def reset_records(self) -> None:
         with self._lock:
@@ -155,10 +224,16 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
-        for s in self._servers:
+        for t in self._timers:
+            t.cancel()
+        self._timers.clear()
+        for i, s in enumerate(self._servers):
+            if i == 0 and not self._reachable:
+                continue  # already closed
             s.shutdown()
             s.server_close()
         self._servers.clear()
+        self._reachable = True
 
     def __enter__(self) -> FaultProxy:
         return self.start()
@@ -167,13 +242,28 @@ class FaultProxy:
         self.stop()
 
     # ---- internals -------------------------------------------------------------------------
-    def _serve(self, host: str, listener: str) -> ThreadingHTTPServer:
+    def _serve(self, host: str, listener: str, port: int = 0) -> ThreadingHTTPServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self) -> None:
+                super().setup()
+                if listener == "proxy":
+                    with outer._lock:
+                        outer._conns.add(self.connection)
+
+            def finish(self) -> None:
+                with outer._lock:
+                    outer._conns.discard(self.connection)
+                with contextlib.suppress(OSError):  # shut down under us (unreachable)
+                    super().finish()
+
             def _any(self) -> None:
+                if listener == "proxy" and not outer._reachable:
+                    self.close_connection = True
+                    return
                 try:
                     outer._handle(self, listener)
                 except OSError:  # the client hung up (as clients do on faulty responses)
@@ -196,7 +286,7 @@ class FaultProxy:
                     with outer._lock:
                         outer.errors.append(repr(exc))
 
-        srv = Server((host, 0), Handler)
+        srv = Server((host, port), Handler)
         threading.Thread(target=srv.serve_forever, daemon=True, name=f"faultproxy-{listener}"
                          ).start()
         return srv
@@ -211,9 +301,17 @@ class FaultProxy:
                     continue
                 if f.match and not re.search(f.match, key):
                     continue
+                if f.probability < 1.0 and self._random.random() >= f.probability:
+                    continue
                 f.hits += 1
                 return f
         return None
+
+    def _offset(self, fault: Fault, fixed: int, size: int) -> int:
+        if not fault.random_offset or size <= 0:
+            return fixed
+        with self._lock:
+            return self._random.randrange(size)
 
     def _upstream(self, method: str, path: str, headers: dict[str, str], body: bytes | None
                   ) -> tuple[int, str, list[tuple[str, str]], bytes]:
@@ -259,6 +357,8 @@ class FaultProxy:
 
         fault = self._pick(method, path, rng is not None)
         kind = fault.kind if fault else None
+        if kind == "stall" and fault is not None:
+            time.sleep(fault.delay)
         if fault is not None and kind == "status":
             extra = [("Retry-After", fault.retry_after)] if fault.retry_after else []
             self._respond(h, listener, method, path, rng, auth, fault.status, extra, b"", kind)
@@ -287,7 +387,7 @@ class FaultProxy:
         headers = [(k, v.replace(f"{self.upstream_scheme}://{self.upstream_netloc}", self.url))
                    if k.lower() == "location" else (k, v) for k, v in headers]
         if kind == "corrupt" and fault is not None and data:
-            i = min(fault.corrupt_at, len(data) - 1)
+            i = min(self._offset(fault, fault.corrupt_at, len(data)), len(data) - 1)
             data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
         self._respond(h, listener, method, path, rng, auth, status, headers, data, kind,
                       fault=fault)
@@ -309,7 +409,7 @@ class FaultProxy:
         payload = b"" if method == "HEAD" else data
         sent = 0
         if kind in ("reset", "truncate") and fault is not None:
-            part = payload[:fault.after_bytes]
+            part = payload[:self._offset(fault, fault.after_bytes, len(payload))]
             h.wfile.write(part)
             h.wfile.flush()
             sent = len(part)
@@ -329,3 +429,65 @@ class FaultProxy:
             h.wfile.write(payload)
             sent = len(payload)
         self._record(listener, method, path, rng, status, sent, auth, kind)
+
+
+@dataclass
+class Phase:
+    """One turn of a ``Schedule``: ``faults`` active (or the proxy unreachable) for
+    ``duration`` seconds; ``action`` (if any) is called when the phase starts, before the wait.
+    ``started``/``ended`` are wall-clock times (``time.time()``) filled in by the schedule."""
+
+    name: str
+    duration: float
+    faults: Sequence[Fault] = ()
+    unreachable: bool = False
+    action: Callable[[], object] | None = None
+    started: float | None = None
+    ended: float | None = None
+    hits: int = 0  # requests the phase's faults applied to
+
+    def active_at(self, t: float, before: float = 0.0, after: float = 0.0) -> bool:
+        """Was the phase running at ``t`` (its window widened by ``before``/``after``)?"""
+        if self.started is None:
+            return False
+        end = self.ended if self.ended is not None else time.time()
+        return self.started - before <= t <= end + after
+
+
+class Schedule:
+    """Phases applied to a proxy in turns, each for its duration; ``run`` blocks until the last
+    one ended (or ``stop()`` was called from another thread) and always leaves the proxy clean:
+    reachable, with none of the schedule's faults."""
+
+    def __init__(self, proxy: FaultProxy, phases: Sequence[Phase]) -> None:
+        self.proxy = proxy
+        self.phases = list(phases)
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, on_phase: Callable[[Phase], object] | None = None) -> list[Phase]:
+        for ph in self.phases:
+            if self._stop.is_set():
+                break
+            ph.started = time.time()
+            if on_phase is not None:
+                on_phase(ph)
+            added = [self.proxy.add(f) for f in ph.faults]
+            try:
+                if ph.unreachable:
+                    self.proxy.set_reachable(False)
+                if ph.action is not None:
+                    ph.action()
+                remaining = ph.started + ph.duration - time.time()
+                if remaining > 0:
+                    self._stop.wait(remaining)
+            finally:
+                for f in added:
+                    self.proxy.remove(f)
+                if ph.unreachable:
+                    self.proxy.set_reachable(True)
+                ph.hits = sum(f.hits for f in added)
+                ph.ended = time.time()
+        return self.phases

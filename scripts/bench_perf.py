@@ -1,0 +1,705 @@
+#!/usr/bin/env python3
+"""Benchmark (issue 6): lazy start, registry bytes, filesystem speed and daemon memory of als,
+each next to its baseline measured in the same run.
+
+Workloads (scripts/bench_workloads.py, cached): ``small`` (busybox + Python stdlib) and
+``large`` (Debian 12 minbase + python3-numpy), each as gzip, eStargz with prioritized files,
+eStargz without, and zstd:chunked, pushed to a local docker-registry.
+
+1. ``lazy``: cold ``podman pull`` + ``podman run`` of the command (empty podman storage, empty
+   als cache) per lazy variant, background fetch off and on, against a normal pull + run of the
+   gzip image without als; registry bytes sent for the image's layer blobs during pull + run.
+2. ``netem`` (``--netem``): the same with 20 ms delay and 200 Mbit/s on the registry's loopback
+   traffic (``tc``; removed afterwards, also on failure).
+3. ``fs``: on the largest layer of the workload mounted by ``als-mount`` (no podman), cold and
+   warm metadata walk (``find -printf``), cold and warm read of every file
+   (``tar -cf - . | cat``), warm sequential read of the largest file; next to the same tree
+   extracted on a tmpfs, and next to ``curl blob | gzip -dc | tar -x`` from the same registry.
+4. ``memory``: the daemon's RSS idle, with every layer of the workload walked, after reading
+   every file, and per 10,000 entries.
+
+Needs root, podman, fusermount3, docker-registry, curl; the large workload needs Debian's
+archive the first time it is built. Prints JSON lines on stdout, a Markdown table on stderr,
+and writes results.jsonl, results.md and lazy-start.png (matplotlib, if installed) to --out.
+Usage: bench_perf.py [--quick] [--repeat N] [--workloads small,large] [--netem]
+                     [--only lazy,fs,memory] [--out DIR] [--json-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import functools
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_workloads import LAZY_VARIANTS, Workload, cache_root, large, small
+
+NAME = "bench_perf"
+GB = 1e9
+MB = 1e6
+
+# Targets of issue 6: (workload, variant or "*", metric) -> (op, bound, description)
+TARGETS: dict[tuple[str, str, str], tuple[str, float, str]] = {
+    ("large", "estargz-prio", "lazy.bg_off.seconds"): ("<=", 0.25, "<= 0.25x baseline"),
+    ("large", "estargz-prio", "lazy.bg_off.registry_bytes"): ("<", 0.25, "< 25 % of image"),
+    ("*", "*", "fs.read_cold.seconds"): ("<=", 1.5, "<= 1.5x download+unpack"),
+    ("*", "*", "fs.read_warm.seconds"): ("<=", 2.0, "<= 2x tmpfs"),
+    ("*", "*", "fs.walk_warm.seconds"): ("<=", 2.0, "<= 2x tmpfs"),
+    ("*", "*", "fs.largest_warm.throughput"): (">=", 1000.0, ">= 1 GB/s"),
+    ("large", "*", "memory.rss_walked"): ("<", 80.0, "< 80 MB"),
+}
+
+
+@dataclass
+class Row:
+    """One measurement: its value, its baseline's, their ratio and the issue's target."""
+
+    bench: str
+    workload: str
+    variant: str
+    metric: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    baseline_name: str = ""
+    ratio: float | None = None
+    target: str | None = None
+    met: bool | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        for k in ("value", "baseline", "ratio"):
+            if isinstance(d[k], float):
+                d[k] = round(d[k], 4)
+        return d
+
+
+def judge(row: Row) -> Row:
+    """Fill ``target``/``met`` from TARGETS; the ratio is compared, or the value where the
+    target is absolute (MB/s, MB)."""
+    for key in ((row.workload, row.variant, row.metric), (row.workload, "*", row.metric),
+                ("*", "*", row.metric)):
+        if key in TARGETS:
+            op, bound, desc = TARGETS[key]
+            got = row.value if row.unit in ("MB/s", "MB") else row.ratio
+            row.target = desc
+            if got is not None:
+                row.met = got <= bound if op == "<=" else got < bound if op == "<" else got >= bound
+            break
+    return row
+
+
+def make_row(bench: str, w: str, v: str, metric: str, value: float, unit: str,
+             baseline: float | None = None, baseline_name: str = "", note: str = "",
+             **extra: Any) -> Row:
+    ratio = value / baseline if baseline else None
+    return judge(Row(bench, w, v, metric, value, unit, baseline, baseline_name, ratio,
+                     note=note, extra=extra))
+
+
+class Output:
+    """JSON lines on stdout as rows come; the table, the JSON file and the chart at the end."""
+
+    def __init__(self, out: Path, quiet: bool) -> None:
+        self.rows: list[Row] = []
+        self.out = out
+        self.quiet = quiet
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        print(json.dumps(row.json()), flush=True)
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"{NAME}: {msg}", file=sys.stderr, flush=True)
+
+
+def fmt_value(v: float | None, unit: str) -> str:
+    if v is None:
+        return ""
+    if unit == "B":
+        return f"{v / MB:.2f} MB"
+    if unit == "s":
+        return f"{v:.3f} s" if v < 10 else f"{v:.1f} s"
+    return f"{v:.1f} {unit}"
+
+
+def markdown(rows: Sequence[Row], header: str = "") -> str:
+    lines = [header] if header else []
+    lines += ["| workload | variant | measurement | als | baseline | ratio | target | met |",
+              "|---|---|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        base = fmt_value(r.baseline, r.unit)
+        if r.baseline_name:
+            base = f"{base} ({r.baseline_name})" if base else r.baseline_name
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
+        met = "" if r.met is None else ("met" if r.met else "**missed**")
+        what = r.metric + (f" ({r.note})" if r.note else "")
+        lines.append(f"| {r.workload} | {r.variant} | {what} | {fmt_value(r.value, r.unit)} | "
+                     f"{base} | {ratio} | {r.target or ''} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: Sequence[Row], path: Path) -> bool:
+    """A bar chart of the lazy-start rows (seconds per variant, baseline first)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    lazy = [r for r in rows if r.bench in ("lazy", "netem") and r.metric.endswith(".seconds")]
+    groups = sorted({(r.bench, r.workload) for r in lazy}, key=lambda g: (g[1] != "small", g))
+    if not groups:
+        return False
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 3.8), squeeze=False)
+    for ax, (bench, w) in zip(axes[0], groups, strict=True):
+        these = [r for r in lazy if (r.bench, r.workload) == (bench, w)]
+        base = [r.value for r in these if r.metric == "baseline.seconds"]
+        these = [r for r in these if r.metric != "baseline.seconds"]
+        labels = ["gzip\n(normal pull)"]
+        values = [base[0] if base else 0.0]
+        colors = ["#888888"]
+        for r in these:
+            bg = "bg on" if ".bg_on." in r.metric else "bg off"
+            labels.append(f"{r.variant}\n{bg}")
+            values.append(r.value)
+            colors.append("#2b7bba" if bg == "bg off" else "#8fbce0")
+        bars = ax.bar(range(len(values)), values, color=colors)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=30, ha="right")
+        ax.set_ylabel("pull + run, seconds")
+        ax.set_title(f"{w}{' (netem)' if bench == 'netem' else ''}", fontsize=10)
+    fig.suptitle("als lazy start: podman pull + run, cold", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# --- the environment ------------------------------------------------------------------------
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.monotonic()
+    fn()
+    return time.monotonic() - t0
+
+
+def sh(cmd: str, cwd: Path | None = None) -> float:
+    """Seconds ``sh -c cmd`` took (it must succeed)."""
+    t0 = time.monotonic()
+    subprocess.run(["sh", "-c", cmd], cwd=cwd, check=True)
+    return time.monotonic() - t0
+
+
+def drop_caches() -> None:
+    """Let the kernel drop clean page cache, dentries and inodes (for tmpfs: little)."""
+    os.sync()
+    with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of a process, MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / MB
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def layer_bytes_sent(access: Sequence[Any], digests: Sequence[str]) -> int:
+    """Bytes the registry sent for the given blobs (GET requests of the access log)."""
+    return sum(e.bytes_sent for e in access
+               if e.method == "GET" and any(f"/blobs/{d}" in e.path for d in digests))
+
+
+class Netem:
+    """20 ms delay and 200 Mbit/s on loopback traffic to and from one TCP port.
+
+    A ``prio`` root qdisc on ``lo`` with a fourth band (unused by the default priomap) holding
+    ``netem``; u32 filters send the port's packets there. Refuses to start if ``lo`` already has
+    a root qdisc of its own; ``close()`` deletes the root qdisc it added."""
+
+    def __init__(self, port: int, delay_ms: int = 20, rate: str = "200mbit") -> None:
+        self.port, self.delay_ms, self.rate = port, delay_ms, rate
+        self.active = False
+
+    @staticmethod
+    def _tc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["tc", *args], check=check, capture_output=True, text=True)
+
+    def commands(self) -> list[list[str]]:
+        port = str(self.port)
+        return [
+            ["qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio", "bands", "4"],
+            ["qdisc", "add", "dev", "lo", "parent", "1:4", "handle", "40:", "netem", "delay",
+             f"{self.delay_ms}ms", "rate", self.rate],
+            ["filter", "add", "dev", "lo", "parent", "1:0", "protocol", "ip", "prio", "1", "u32",
+             "match", "ip", "sport", port, "0xffff", "flowid", "1:4"],
+            ["filter", "add", "dev", "lo", "parent", "1:0", "protocol", "ip", "prio", "1", "u32",
+             "match", "ip", "dport", port, "0xffff", "flowid", "1:4"],
+        ]
+
+    def __enter__(self) -> Netem:
+        shown = self._tc("qdisc", "show", "dev", "lo").stdout
+        if "noqueue" not in shown.split("\n", 1)[0]:
+            raise SystemExit(f"{NAME}: lo already has a qdisc ({shown.strip()}); not touching it")
+        self.active = True
+        try:
+            for c in self.commands():
+                self._tc(*c)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        if self.active:
+            self._tc("qdisc", "del", "dev", "lo", "root", "handle", "1:", check=False)
+            self.active = False
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Env:
+    """Registry, als mounts, podman storages and a tmpfs; ``close()`` removes all of it."""
+
+    def __init__(self, work: Path) -> None:
+        from tests.support.podman import write_registries_conf
+        from tests.support.registry import RegistryServer
+
+        self.work = work
+        self.reg = RegistryServer(work / "registry")
+        try:
+            self.reg.start()
+        except BaseException:
+            self.reg.close()
+            raise
+        self.conf = write_registries_conf(work / "registries.conf", [self.reg.host])
+        self.mounts: list[Any] = []
+        self.podmen: list[Any] = []
+        self.tmpfs: list[Path] = []
+        self.n = 0
+
+    def fresh(self, prefix: str) -> Path:
+        self.n += 1
+        return self.work / f"{prefix}-{self.n}"
+
+    def als(self, *, background: bool) -> Any:
+        from tests.support.mount import ProcessMount
+
+        root = self.fresh("als")
+        cfg = self.work / f"{root.name}.toml"
+        cfg.write_text(f"background_fetch = {str(background).lower()}\nlog_level = \"info\"\n")
+        m = ProcessMount(root, "--config", str(cfg), "--registries-conf", str(self.conf),
+                         "--log-level", "info")
+        self.mounts.append(m)
+        return m.start()
+
+    def drop_als(self, m: Any) -> None:
+        if m.proc is not None and m.proc.poll() is None:
+            m.stop()
+        shutil.rmtree(m.root, ignore_errors=True)
+
+    def podman(self, pool: Path | None) -> Any:
+        from tests.support.podman import Podman
+
+        pm = Podman(self.fresh("podman"), self.conf, als_pool=pool)
+        self.podmen.append(pm)
+        return pm
+
+    def drop_podman(self, pm: Any) -> None:
+        pm.reset()
+        shutil.rmtree(pm.base, ignore_errors=True)
+
+    def mount_tmpfs(self) -> Path:
+        d = self.fresh("tmpfs")
+        d.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", str(d)], check=True)
+        self.tmpfs.append(d)
+        return d
+
+    def close(self) -> None:
+        for pm in self.podmen:
+            with contextlib.suppress(Exception):
+                pm.reset()
+        for m in self.mounts:
+            if m.proc is not None and m.proc.poll() is None:
+                with contextlib.suppress(Exception):
+                    m.stop()
+        for d in self.tmpfs:
+            subprocess.run(["umount", "-l", str(d)], check=False)
+        self.reg.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def push_all(env: Env, w: Workload) -> None:
+    from tests.support.registry import push_image_full
+
+    for v, layers in w.layers.items():
+        push_image_full(env.reg, f"bench/{w.name}", v, layers)
+
+
+def ref_of(env: Env, w: Workload, v: str) -> str:
+    return f"{env.reg.host}/bench/{w.name}:{v}"
+
+
+# --- 1, 2: lazy start -------------------------------------------------------------------------
+
+
+def pull_run(env: Env, w: Workload, v: str, pool: Path | None) -> tuple[float, int, int]:
+    """Cold pull + run in a fresh podman storage: (seconds, layer-blob bytes, all bytes)."""
+    pm = env.podman(pool)
+    ref = ref_of(env, w, v)
+    try:
+        mark = env.reg.mark()
+        t0 = time.monotonic()
+        pm.pull(ref)
+        got = pm.run(ref, *w.command)
+        took = time.monotonic() - t0
+        if w.expect not in got.stdout:
+            raise SystemExit(f"{NAME}: {ref} printed {got.stdout!r}, expected {w.expect!r}")
+        if pool is not None and not pm.layer_diff_links():
+            raise SystemExit(f"{NAME}: podman did not use als for {ref}")
+        access = env.reg.access_log(since=mark)
+        digests = [x.digest for x in w.layers[v]]
+        return took, layer_bytes_sent(access, digests), sum(e.bytes_sent for e in access)
+    finally:
+        env.drop_podman(pm)
+
+
+def bench_lazy(env: Env, w: Workload, repeat: int, out: Output, bench: str) -> None:
+    base_t: list[float] = []
+    lazy: dict[tuple[str, bool], list[tuple[float, int, int]]] = {}
+    base_bytes = 0
+    for rep in range(repeat):
+        out.say(f"{bench} {w.name}: repetition {rep + 1}/{repeat}: gzip baseline ...")
+        t, base_bytes, _ = pull_run(env, w, "gzip", None)
+        base_t.append(t)
+        for v in LAZY_VARIANTS:
+            for bg in (False, True):
+                out.say(f"{bench} {w.name}: {v}, background fetch {'on' if bg else 'off'} ...")
+                als = env.als(background=bg)
+                try:
+                    lazy.setdefault((v, bg), []).append(pull_run(env, w, v, als.pool))
+                finally:
+                    env.drop_als(als)
+    b = median(base_t)
+    out.add(make_row(bench, w.name, "gzip", "baseline.seconds", b, "s",
+                     note="normal pull + run, no als", runs=base_t,
+                     registry_bytes=base_bytes))
+    for (v, bg), runs in lazy.items():
+        mode = "bg_on" if bg else "bg_off"
+        secs = [r[0] for r in runs]
+        out.add(make_row(bench, w.name, v, f"lazy.{mode}.seconds", median(secs), "s", b,
+                         "gzip pull + run", note=f"pull + run, background fetch "
+                         f"{'on' if bg else 'off'}", runs=secs))
+        sent = int(median([r[1] for r in runs]))
+        out.add(make_row(bench, w.name, v, f"lazy.{mode}.registry_bytes", sent, "B",
+                         w.compressed(v), "image's compressed layers",
+                         note="layer blobs sent during pull + run",
+                         all_requests_bytes=int(median([r[2] for r in runs]))))
+
+
+# --- 3: filesystem ----------------------------------------------------------------------------
+
+WALK = "find . -printf '%s %m %U %G\\n' > /dev/null"
+READ_ALL = "tar -cf - . | cat > /dev/null"
+
+
+def largest_file(tar_path: Path) -> tuple[str, int]:
+    best = ("", -1)
+    with tarfile.open(tar_path, "r:") as tf:
+        for m in tf:
+            if m.isreg() and m.size > best[1]:
+                best = (m.name, m.size)
+    return best
+
+
+def read_speed(path: Path, size: int, tries: int = 3) -> float:
+    """Warm sequential read of one file, MB/s (best of ``tries`` after one warming read)."""
+    def once() -> None:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(1 << 20):
+                pass
+
+    once()
+    best = min(timed(once) for _ in range(tries))
+    return size / best / MB
+
+
+@dataclass
+class FsTimes:
+    walk_cold: float = 0.0
+    walk_warm: float = 0.0
+    read_cold: float = 0.0
+    read_warm: float = 0.0
+    largest: float = 0.0
+    lookup: float = 0.0
+
+
+def fs_on(tree: Path, big: str, big_size: int, fresh: Callable[[], Path] | None) -> FsTimes:
+    """The walk and read timings on ``tree``; ``fresh()`` gives a cold copy for the cold read
+    (a new mount with an empty cache); without it the kernel's caches are dropped instead."""
+    t = FsTimes()
+    if fresh is None:
+        drop_caches()
+    t.walk_cold = sh(WALK, tree)
+    t.walk_warm = min(sh(WALK, tree) for _ in range(3))
+    if fresh is not None:
+        tree = fresh()
+    else:
+        drop_caches()
+    t.read_cold = sh(READ_ALL, tree)
+    t.read_warm = min(sh(READ_ALL, tree) for _ in range(3))
+    t.largest = read_speed(tree / big, big_size)
+    return t
+
+
+def bench_fs(env: Env, w: Workload, variants: Sequence[str], out: Output) -> None:
+    idx = max(range(len(w.tar_sizes)), key=lambda i: w.tar_sizes[i])
+    tar_path = cache_root() / w.name / f"layer-{idx}.tar"
+    big, big_size = largest_file(tar_path)
+    entries = w.entries[idx]
+    # Baseline 1: the same tree on a tmpfs.
+    native = env.mount_tmpfs()
+    subprocess.run(["tar", "-xf", str(tar_path), "-C", str(native), "--numeric-owner"],
+                   check=True)
+    out.say(f"fs {w.name}: layer {idx} ({entries} entries), tmpfs baseline ...")
+    nat = fs_on(native, big, big_size, None)
+    # Baseline 2: download the gzip blob, decompress, unpack into a tmpfs.
+    dl_dir = env.mount_tmpfs()
+    gz = w.layers["gzip"][idx]
+    url = f"{env.reg.url}/v2/bench/{w.name}/blobs/{gz.digest}"
+    download = min(sh(f"curl -sf --noproxy '*' '{url}' | gzip -dc | tar -x --numeric-owner "
+                      f"-C {dl_dir} && rm -rf {dl_dir}/* {dl_dir}/.[!.]*") for _ in range(2))
+    for v in variants:
+        layer = w.layers[v][idx]
+        ref = ref_of(env, w, v)
+        mounts: list[Any] = []
+
+        def fresh_tree(v: str = v, digest: str = layer.digest,
+                       mounts: list[Any] = mounts) -> Path:
+            while mounts:
+                env.drop_als(mounts.pop())
+            als = env.als(background=False)
+            mounts.append(als)
+            return Path(als.pool) / b64(ref_of(env, w, v)) / digest / "diff"
+
+        out.say(f"fs {w.name}: {v} ...")
+        try:
+            tree = fresh_tree()
+            lookup = timed(functools.partial(os.listdir, tree))
+            t = fs_on(tree, big, big_size, fresh_tree)
+            t.lookup = lookup
+        finally:
+            while mounts:
+                env.drop_als(mounts.pop())
+        note = f"layer {idx}, {entries} entries, {w.tar_sizes[idx] / MB:.0f} MB"
+        out.add(make_row("fs", w.name, v, "fs.layer_lookup.seconds", t.lookup, "s",
+                         note="first access to the layer's diff: manifest + TOC", ref=ref))
+        out.add(make_row("fs", w.name, v, "fs.walk_cold.seconds", t.walk_cold, "s",
+                         nat.walk_cold, "tmpfs", note=note))
+        out.add(make_row("fs", w.name, v, "fs.walk_warm.seconds", t.walk_warm, "s",
+                         nat.walk_warm, "tmpfs"))
+        out.add(make_row("fs", w.name, v, "fs.read_cold.seconds", t.read_cold, "s",
+                         download, "curl | gzip -dc | tar -x", tmpfs=nat.read_cold))
+        out.add(make_row("fs", w.name, v, "fs.read_warm.seconds", t.read_warm, "s",
+                         nat.read_warm, "tmpfs"))
+        out.add(make_row("fs", w.name, v, "fs.largest_warm.throughput", t.largest, "MB/s",
+                         nat.largest, "tmpfs", note=f"{big}, {big_size / MB:.1f} MB"))
+
+
+# --- 4: memory --------------------------------------------------------------------------------
+
+
+def bench_memory(env: Env, w: Workload, variant: str, out: Output) -> None:
+    als = env.als(background=False)
+    try:
+        time.sleep(1.0)
+        assert als.proc is not None
+        idle = rss_mb(als.proc.pid)
+        for layer in w.layers[variant]:
+            tree = Path(als.pool) / b64(ref_of(env, w, variant)) / layer.digest / "diff"
+            sh(WALK, tree)
+        walked = rss_mb(als.proc.pid)
+        for layer in w.layers[variant]:
+            tree = Path(als.pool) / b64(ref_of(env, w, variant)) / layer.digest / "diff"
+            sh(READ_ALL, tree)
+        read = rss_mb(als.proc.pid)
+    finally:
+        env.drop_als(als)
+    n = sum(w.entries)
+    out.add(make_row("memory", w.name, variant, "memory.rss_idle", idle, "MB",
+                     note="als-mount, mounted, no layer"))
+    out.add(make_row("memory", w.name, variant, "memory.rss_walked", walked, "MB",
+                     note=f"every layer looked up and walked, {n} entries"))
+    out.add(make_row("memory", w.name, variant, "memory.rss_read", read, "MB",
+                     note="after reading every file (memory cache included)"))
+    out.add(make_row("memory", w.name, variant, "memory.per_10k_entries",
+                     (walked - idle) / n * 10_000, "MB", note="(walked - idle) per 10,000"))
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError):
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem / 2**30, 1),
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="small workload only, one repetition, eStargz only in fs/memory")
+    ap.add_argument("--repeat", type=int, default=3, help="cold pull+run repetitions (median)")
+    ap.add_argument("--workloads", default=None, help="comma list: small,large")
+    ap.add_argument("--only", default="lazy,fs,memory",
+                    help="comma list of lazy, fs, memory (netem comes with --netem)")
+    ap.add_argument("--netem", action="store_true",
+                    help="also the lazy comparison with 20 ms / 200 Mbit/s on the registry port")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="directory for results.jsonl, results.md, lazy-start.png")
+    ap.add_argument("--json-only", action="store_true", help="no progress or table on stderr")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.repeat = 1
+    args.repeat = max(1, args.repeat)
+    args.workloads = [x for x in (args.workloads or ("small" if args.quick else "small,large")
+                                  ).split(",") if x]
+    args.only = [x for x in args.only.split(",") if x]
+    bad = [x for x in args.workloads if x not in ("small", "large")] + \
+          [x for x in args.only if x not in ("lazy", "fs", "memory")]
+    if bad:
+        ap.error(f"unknown workload or part: {', '.join(bad)}")
+    if args.out is None:
+        args.out = cache_root().parent / "results" / ("quick" if args.quick else "full")
+    return args
+
+
+def check_tools() -> list[str]:
+    from tests.support.mount import FUSE_AVAILABLE
+    from tests.support.podman import PODMAN
+    from tests.support.registry import registry_available
+
+    return [what for what, ok in (("podman", PODMAN is not None),
+                                  ("docker-registry", registry_available()),
+                                  ("/dev/fuse and fusermount3", FUSE_AVAILABLE),
+                                  ("curl", shutil.which("curl") is not None)) if not ok]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print(f"{NAME}: needs root (FUSE mounts, podman overlay storage, tmpfs mounts)",
+              file=sys.stderr)
+        return 2
+    missing = check_tools()
+    if missing:
+        print(f"{NAME}: needs {', '.join(missing)}; skipped", file=sys.stderr)
+        return 0
+    os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+    out = Output(args.out, args.json_only)
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="als-bench-perf-"))
+    env: Env | None = None
+    try:
+        workloads = []
+        for name in args.workloads:
+            out.say(f"workload {name} (cached under {cache_root()}) ...")
+            workloads.append(small() if name == "small" else large())
+        env = Env(work)
+        for w in workloads:
+            push_all(env, w)
+            out.add(make_row("workload", w.name, "gzip", "workload.size", w.uncompressed, "B",
+                             note=f"{len(w.tar_sizes)} layers, {sum(w.entries)} entries "
+                             "uncompressed", layers=len(w.tar_sizes), entries=sum(w.entries),
+                             compressed={v: w.compressed(v) for v in w.layers},
+                             prioritized=len(w.prioritized), command=w.command))
+        fs_variants = ["estargz"] if args.quick else ["estargz", "zstd-chunked"]
+        for w in workloads:
+            if "lazy" in args.only:
+                bench_lazy(env, w, args.repeat, out, "lazy")
+            if args.netem:
+                with Netem(int(env.reg.host.rsplit(":", 1)[1])):
+                    bench_lazy(env, w, args.repeat, out, "netem")
+            if "fs" in args.only:
+                bench_fs(env, w, fs_variants, out)
+            if "memory" in args.only:
+                bench_memory(env, w, "estargz", out)
+    finally:
+        if env is not None:
+            env.close()
+        shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    report(out, args, elapsed)
+    return 0
+
+
+def report(out: Output, args: argparse.Namespace, elapsed: float) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    m = machine()
+    header = (f"### als benchmark ({'quick' if args.quick else 'full'}; {args.repeat} "
+              f"repetition(s); {m['cpus']} CPUs, {m['memory_gib']} GiB; {elapsed:.0f} s)\n")
+    table = markdown(out.rows, header)
+    (args.out / "results.md").write_text(table)
+    with open(args.out / "results.jsonl", "w") as f:
+        f.write(json.dumps({"machine": m, "args": {k: str(v) for k, v in vars(args).items()}})
+                + "\n")
+        for r in out.rows:
+            f.write(json.dumps(r.json()) + "\n")
+    drew = chart(out.rows, args.out / "lazy-start.png")
+    if not args.json_only:
+        print("\n" + table, file=sys.stderr)
+        missed = [r for r in out.rows if r.met is False]
+        for r in missed:
+            got = (f"{r.ratio:.2f}x" if r.unit not in ("MB", "MB/s") and r.ratio is not None
+                   else fmt_value(r.value, r.unit))
+            print(f"{NAME}: target missed: {r.workload} {r.variant} {r.metric}: {got} "
+                  f"(target {r.target})", file=sys.stderr)
+        out.say(f"wrote {args.out}/results.md, results.jsonl"
+                + (", lazy-start.png" if drew else " (no chart: matplotlib missing)"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

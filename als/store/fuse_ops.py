@@ -99,8 +99,6 @@ class Operations(pyfuse3.Operations):
         self.manager = manager
         self.ns = Namespace()
         self.internal_errors = 0
-        self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
-        self._next_dir_fh = 1
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -328,30 +326,63 @@ class Operations(pyfuse3.Operations):
 
     # -- directories ----------------------------------------------------------------------------
 
+    # Directory handles carry no state: the handle is the directory's inode and every readdir
+    # recomputes its entries (a layer's listing is cached and never changes; a store directory
+    # lists its live children ordered by inode, so the offsets stay valid while it changes).
+    # A client holding thousands of open directories costs the daemon nothing.
+
     @_guard
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
         if inode >> INSTANCE_SHIFT:
             inst, dir_id = self._instance(inode)
             if inst.layer.index.entry(dir_id).type != EntryType.DIR:
                 raise FUSEError(errno.ENOTDIR)
-            listing = self.ns.listing(inst, dir_id)
-            entries = [(n, inst.inode(self._resolved(inst, cid))) for n, cid in listing.entries]
-        else:
-            node = self._node(inode)
-            if node.kind in ("info", "blob"):
-                raise FUSEError(errno.ENOTDIR)
-            entries = sorted(
-                [(n, i) for n, i in node.children.items() if i in self.ns.nodes]
-                + [
-                    (n, inst.root_inode)
-                    for n, inst in node.instances.items()
-                    if inst.number in self.ns.instances
-                ]
-            )
-        fh = self._next_dir_fh
-        self._next_dir_fh += 1
-        self._dir_handles[fh] = entries
-        return FileHandleT(fh)
+        elif self._node(inode).kind in ("info", "blob"):
+            raise FUSEError(errno.ENOTDIR)
+        return FileHandleT(inode)
+
+    def _layer_entries(
+        self, inst: Instance, dir_id: int, start: int
+    ) -> list[tuple[bytes, int, int]]:
+        """``(name, inode, next offset)`` of a layer directory from offset ``start``."""
+        listing = self.ns.listing(inst, dir_id).entries
+        return [
+            (name, inst.inode(self._resolved(inst, cid)), i + 1)
+            for i, (name, cid) in enumerate(listing[start:], start)
+        ]
+
+    def _store_entries(self, node: StoreNode, start: int) -> list[tuple[bytes, int, int]]:
+        """``(name, inode, next offset)`` of a store directory: the offset is the inode."""
+        live = [(i, n) for n, i in node.children.items() if i in self.ns.nodes]
+        live += [
+            (inst.root_inode, n)
+            for n, inst in node.instances.items()
+            if inst.number in self.ns.instances
+        ]
+        return [
+            (name, inode, inode)
+            for inode, name in sorted(live)
+            if inode > start and self._has_content(inode)
+        ]
+
+    def _has_content(self, inode: int) -> bool:
+        """Whether a store entry leads to something the store serves.
+
+        Reference and annotation directories exist for any well-formed name that is looked up
+        (the kernel needs them before the layer below is asked for); listings show only those
+        with a resolved layer below them, so names that lead nowhere never appear in the pool.
+        """
+        if inode >> INSTANCE_SHIFT:
+            return True
+        stack = [self.ns.nodes[inode]]
+        while stack:
+            node = stack.pop()
+            if node.kind not in ("ref", "ann"):
+                return True
+            if any(inst.number in self.ns.instances for inst in node.instances.values()):
+                return True
+            stack.extend(self.ns.nodes[i] for i in node.children.values() if i in self.ns.nodes)
+        return False
 
     @staticmethod
     def _resolved(inst: Instance, cid: int) -> int:
@@ -360,19 +391,21 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._dir_handles.get(int(fh))
-        if entries is None:
-            raise FUSEError(errno.EBADF)
-        for i in range(start_id, len(entries)):
-            name, inode = entries[i]
-            attr = self._attr(inode)
-            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+        inode = int(fh)
+        if inode >> INSTANCE_SHIFT:
+            inst, dir_id = self._instance(inode)
+            entries = self._layer_entries(inst, dir_id, start_id)
+        else:
+            entries = self._store_entries(self._node(inode), start_id)
+        for name, child, next_id in entries:
+            attr = self._attr(child)
+            if not pyfuse3.readdir_reply(token, name, attr, next_id):
                 break
             self._counted(attr)
 
     @_guard
     async def releasedir(self, fh: FileHandleT) -> None:
-        self._dir_handles.pop(int(fh), None)
+        return None
 
     # -- files ----------------------------------------------------------------------------------
 

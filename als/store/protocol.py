@@ -74,6 +74,12 @@ def parse_annotation_segment(name: bytes) -> tuple[str, str] | None:
     key, _, value = text.partition("=")
     if not key or any(c.isspace() for c in key):
         return None
+    # The two annotations the store acts on must be well-formed where they appear, so that a
+    # bad digest or reference is ENOENT at its own level instead of a directory to walk into.
+    if key == ANN_LAYER_DIGEST and not is_digest(value):
+        return None
+    if key == ANN_REFERENCE and ("=" in value or _REF_RE.fullmatch(value) is None):
+        return None
     return key, value
 
 

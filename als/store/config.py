@@ -52,6 +52,11 @@ class StoreConfig:
     # ("HOST:PORT" or "unix:PATH") serving /metrics and /status.
     status_socket: str | None = None
     metrics_listen: str | None = None
+    # A read that has to go to the registry also fetches this much of the blob after it (KiB,
+    # in the background, verified like any other read): readers that walk files in blob order
+    # (tar, find | xargs cat, a program's start-up) then find their next files in memory.
+    # 0 disables read-ahead.
+    readahead_kb: int = 8192
     # Nearby compressed ranges closer than this are fetched in one request.
     coalesce_gap: int = 64 * 1024
     # Kernel cache timeouts (seconds): layer contents never change.

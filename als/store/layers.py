@@ -17,6 +17,8 @@ import dataclasses
 import logging
 import os
 import time
+import weakref
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +42,9 @@ T = TypeVar("T")
 _PREFETCH_BATCH = 8 << 20  # compressed bytes per prefetch step
 _PREFETCH_GAP = 1 << 20  # prefetch reads through gaps this small: fewer, larger requests
 _BACKGROUND_RETRY_MAX = 60.0
+_SEQUENTIAL_GAP = 256 << 10  # a miss this close after the previous one looks sequential
+_READAHEAD_FIRST = 512 << 10  # the first read-ahead window (it doubles up to readahead_kb)
+_MAX_HOMES = 200_000  # chunk digests remembered in LayerManager.homes (about 40 MB at most)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,6 +124,9 @@ class ChunkCache:
         self.hits += 1
         return data
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
     def put(self, key: str, data: bytes) -> bool:
         """Keep ``data``; False if it is larger than the whole cache (then it is not kept)."""
         if len(data) > self.max_bytes:
@@ -194,6 +202,14 @@ class Layer:
     # The background range being fetched: readers of bytes inside it wait for it instead of
     # fetching the same bytes again.
     _bg_piece: tuple[int, int, trio.Event] | None = None
+    # Read-ahead (see _after_read): the window last asked for, [lo, next), whether a read-ahead
+    # task is running, and the files by the blob offset of their first chunk (built once).
+    _ra_lo: int = -1
+    _ra_next: int = -1
+    _ra_running: bool = False
+    _ra_window: int = 0
+    _last_miss_end: int = -1
+    _ra_order: tuple[list[int], list[int]] | None = None
 
     @property
     def digest(self) -> str:
@@ -227,6 +243,10 @@ class Layer:
         else:
             wanted = [c for c in chunks if c.uoffset < end and c.uoffset + c.size > off]
         got = await self.get_chunks([(file_id, c) for c in wanted], "foreground")
+        if not self.complete:
+            ends = [c.cend for c in wanted if not c.zeros]
+            if ends:
+                self._after_read(max(ends))
         parts: list[bytes] = []
         for c in wanted:
             if c.uoffset >= end or c.uoffset + c.size <= off:
@@ -318,8 +338,12 @@ class Layer:
                     if c.zeros:
                         continue
                     k = self.key(c)
-                    if c.digest is not None and fid not in whole and cache.has_chunk(c.digest):
-                        data = cache.get_chunk(c.digest)
+                    if c.digest is not None and fid not in whole:
+                        data = None
+                        if cache.has_chunk(c.digest):
+                            data = cache.get_chunk(c.digest)
+                        elif (home := m.homes.get(c.digest)) is not None:
+                            data = self._from_home(home)
                         if data is not None and len(data) == c.size:
                             out[k] = data
                             continue
@@ -364,29 +388,60 @@ class Layer:
             out.update(decoded)
         for k, data in out.items():
             m.memory.put(k, data)
-        # 4. Keep what is new on disk (after the reader has its bytes).
+        # 4. Keep what is new on disk (after the reader has its bytes): the compressed bytes go
+        # to our own download, and its chunks are then found through m.homes; decompressed
+        # chunk files are written only when there is no download of ours to hold them.
         if cache is not None:
-            to_store = [
-                (c.digest, out[self.key(c)])
+            own = self.ingest is not None and self.ingest.owned and not self.complete
+            fresh = [
+                (c.digest, c)
                 for fid, c in pending
                 if c.digest is not None and not c.zeros and fid not in whole
             ]
+            to_store: list[tuple[str, bytes]] = []
+            if own:
+                me = weakref.ref(self)
+                homes = m.homes
+                for d, c in fresh:
+                    homes[d] = (me, c)
+                    homes.move_to_end(d)
+                while len(homes) > _MAX_HOMES:
+                    homes.popitem(last=False)
+            else:
+                to_store = [(d, out[self.key(c)]) for d, c in fresh]
             if to_store or fetched_spans:
                 m.spawn_disk_write(lambda: self._store(to_store, fetched_spans))
         return out
 
     def _maybe_local(self, items: list[Item], whole: set[int]) -> bool:
         """Cheap check (no I/O): might the disk hold any of ``items``?"""
-        disk = self.manager.disk
+        m = self.manager
+        disk = m.disk
         if self.complete:
             return True
         ingest = self.ingest
         if ingest is not None and ingest.ranges:
             return True
         return disk is not None and any(
-            c.digest is not None and fid not in whole and disk.has_chunk(c.digest)
+            c.digest is not None
+            and fid not in whole
+            and (disk.has_chunk(c.digest) or c.digest in m.homes)
             for fid, c in items
         )
+
+    def _from_home(self, home: tuple[weakref.ref[Layer], Chunk]) -> bytes | None:
+        """A chunk with the same digest, decoded (and verified) from another layer's download."""
+        layer, c = home[0](), home[1]
+        if layer is None or layer is self:
+            return None
+        raw = layer._read_local(c.coffset, c.cend)
+        if raw is None:
+            return None
+        try:
+            return decode_chunk(layer.index, c, raw)
+        except (FormatError, VerifyError) as exc:
+            log.warning("cache-corrupt layer=%s: %s; fetching again", layer.digest, exc)
+            return None
 
     def _read_local(self, start: int, end: int) -> bytes | None:
         m = self.manager
@@ -406,6 +461,8 @@ class Layer:
             self.complete = False
             return
         if self.ingest is not None:
+            if m.disk is not None:
+                m.disk.corrupt += 1
             for _, c in bad:
                 log.warning(
                     "cache-corrupt layer=%s: downloaded bytes %d-%d failed verification; "
@@ -429,7 +486,7 @@ class Layer:
     async def _fetch(self, pending: list[Item], kind: str) -> tuple[dict[str, bytes], list[Any]]:
         m = self.manager
         need = [c for _, c in pending if not c.zeros]
-        gap = _PREFETCH_GAP if kind == "prefetch" else m.cfg.coalesce_gap
+        gap = _PREFETCH_GAP if kind in ("prefetch", "readahead") else m.cfg.coalesce_gap
         spans = merge_ranges([(c.coffset, c.cend) for c in need], gap)
         if not spans:
             return {}, []
@@ -449,6 +506,8 @@ class Layer:
         m.fetched_bytes += n
         if m.metrics is not None:
             m.metrics.observe_fetch(kind, time.monotonic() - start, n)
+        if kind == "foreground":
+            self._after_miss(spans[0][0], spans[-1][1])
         raw: dict[str, bytes] = {}
         for c in need:
             for (s, e), data in zip(spans, blobs, strict=True):
@@ -456,6 +515,75 @@ class Layer:
                     raw[self.key(c)] = data[c.coffset - s : c.cend - s]
                     break
         return raw, [(s, data) for (s, _), data in zip(spans, blobs, strict=True)]
+
+    # -- read-ahead -----------------------------------------------------------------------------
+
+    def _after_miss(self, start: int, end: int) -> None:
+        """A reader had to fetch blob bytes [start, end). If that continues the previous miss
+        (a reader walking the blob in order: tar, cp -r, a large file read through), read
+        ahead, in windows that double up to ``readahead_kb``; a random access resets that."""
+        prev = self._last_miss_end
+        self._last_miss_end = end
+        if prev >= 0 and 0 <= start - prev <= _SEQUENTIAL_GAP:
+            self._readahead_from(end)
+        else:
+            self._ra_window = 0
+
+    def _after_read(self, cend: int) -> None:
+        """A reader got bytes ending at blob offset ``cend``: keep the read-ahead going while it
+        reads inside the last window (the next window starts when half of it is behind)."""
+        lo, nxt = self._ra_lo, self._ra_next
+        if self._ra_window and lo <= cend <= nxt and nxt - cend < self._ra_window // 2:
+            self._readahead_from(nxt)
+
+    def _readahead_from(self, start: int) -> None:
+        m = self.manager
+        limit = m.cfg.readahead_kb * 1024
+        if limit <= 0 or self.complete or self._ra_running or start >= self.info.blob_size:
+            return
+        window = self._ra_window = min(max(2 * self._ra_window, _READAHEAD_FIRST), limit)
+        self._ra_running = True
+        self._ra_lo, self._ra_next = start, start + window
+        m.spawn(partial(self._readahead, start, start + window))
+
+    async def _readahead(self, start: int, end: int) -> None:
+        m = self.manager
+        try:
+            items = await m.limiters.cpu_call(partial(self._items_between, start, end))
+            if items:
+                await self.get_chunks(items, "readahead")
+        except AlsError as exc:
+            log.debug("readahead-failed layer=%s bytes=%d-%d: %s", self.digest, start, end, exc)
+        finally:
+            self._ra_running = False
+
+    def _items_between(self, start: int, end: int) -> list[Item]:
+        """The chunks stored in blob bytes [start, end), skipping what the memory cache has and
+        files verified as a whole that do not fit (their chunks only come all together)."""
+        index = self.index
+        if self._ra_order is None:
+            fids = index.files_in_order()
+            firsts = [index.chunks(f)[0].coffset for f in fids]
+            self._ra_order = (firsts, fids)
+        firsts, fids = self._ra_order
+        memory = self.manager.memory
+        items: list[Item] = []
+        k = max(bisect_right(firsts, start) - 1, 0)
+        while k < len(fids) and firsts[k] < end:
+            fid = fids[k]
+            k += 1
+            chunks = index.chunks(fid)
+            if index.whole_file_verify(fid):
+                if chunks[0].coffset < start or chunks[-1].cend > end:
+                    continue
+                items.extend((fid, c) for c in chunks)
+                continue
+            for c in chunks:
+                if c.coffset >= end:
+                    break
+                if c.coffset >= start and not c.zeros and self.key(c) not in memory:
+                    items.append((fid, c))
+        return items
 
     async def _decode(
         self, items: list[Item], raw: dict[str, bytes], whole: set[int]
@@ -769,6 +897,10 @@ class LayerManager:
         self.memory = ChunkCache(cfg.memory_cache_mb * 1024 * 1024)
         self.disk: DiskCache | None = None  # set by open(); without it, memory only
         self.inflight: dict[str, trio.Event] = {}
+        # Chunks whose compressed bytes are in a layer's own download, by chunk digest: another
+        # layer with the same content decodes them from there instead of fetching them (and the
+        # cache keeps one copy). Bounded; the layers are held weakly.
+        self.homes: OrderedDict[str, tuple[weakref.ref[Layer], Chunk]] = OrderedDict()
         self.layers: dict[str, Layer] = {}  # by blob digest
         self._by_path: dict[tuple[str, str], str] = {}  # (ref, path digest) -> blob digest
         self._records: dict[str, str] = {}  # blob or TOC digest -> blob digest, on disk

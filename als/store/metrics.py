@@ -25,7 +25,7 @@ log = logging.getLogger("als.metrics")
 StatusFn = Callable[[], Mapping[str, Any]]
 
 #: Why a byte range was fetched from a registry.
-FETCH_KINDS = ("foreground", "prefetch", "background")
+FETCH_KINDS = ("foreground", "readahead", "prefetch", "background")
 
 #: 0.1 ms (a page-cache-warm FUSE read) up to 60 s (a whole layer over a slow link).
 LATENCY_BUCKETS = (

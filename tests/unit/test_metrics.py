@@ -211,7 +211,7 @@ def test_unknown_fetch_kind_is_refused() -> None:
     m = Metrics(fake_status)
     with pytest.raises(ValueError, match="'sideways'"):
         m.observe_fetch("sideways", 0.1, 10)
-    assert set(FETCH_KINDS) == {"foreground", "prefetch", "background"}
+    assert set(FETCH_KINDS) == {"foreground", "readahead", "prefetch", "background"}
 
 
 def test_registries_are_private() -> None:

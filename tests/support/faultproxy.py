@@ -336,7 +336,10 @@ class FaultProxy:
         auth = h.headers.get("Authorization") is not None
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
-        fwd = {k: v for k, v in h.headers.items() if k.lower() not in HOP_HEADERS}
+        fwd: dict[str, str] = {}
+        for k, v in h.headers.items():  # repeated headers (podman sends several Accept) join
+            if k.lower() not in HOP_HEADERS:
+                fwd[k] = f"{fwd[k]}, {v}" if k in fwd else v
         fwd["Host"] = self.upstream_netloc
 
         if listener == "redirect":

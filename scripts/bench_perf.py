@@ -432,7 +432,11 @@ class Env:
         m = ProcessMount(root, "--config", str(cfg), "--registries-conf", str(self.conf),
                          "--log-level", "info")
         self.mounts.append(m)
-        return m.start()
+        try:
+            return m.start()
+        except RuntimeError as exc:
+            tail = m.log()[-1500:] if m.log_path.exists() else "(no log)"
+            raise AssertionError(f"als-mount did not start: {exc}\n{tail}") from exc
 
     def drop_als(self, m: Any) -> None:
         if m.proc is not None and m.proc.poll() is None:
@@ -509,16 +513,16 @@ def pull_run(env: Env, w: Workload, v: str, pool: Path | None, host: str | None 
 
 def retry(out: Output, fn: Callable[[], tuple[float, int, int]], attempts: int = 3
           ) -> tuple[float, int, int]:
-    """``fn()``, measured again (from scratch) when podman itself fails: podman 4.3 sometimes
-    loses a ``run --rm`` container's exit code under load; such a run says nothing about als."""
+    """``fn()``, measured again (from scratch) when podman or als-mount fails to start: podman
+    4.3 sometimes loses a ``run --rm`` container's exit code under load; such a run says
+    nothing about als. Every failure is reported on stderr."""
     for i in range(attempts):
         try:
             return fn()
         except AssertionError as exc:  # what tests.support.podman raises for a failed command
             if i == attempts - 1:
                 raise
-            first = str(exc).splitlines()[-1][:200]
-            out.say(f"podman failed ({first}); measuring again")
+            out.say(f"failed ({str(exc)[-600:]}); measuring again")
     raise AssertionError("unreachable")
 
 

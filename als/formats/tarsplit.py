@@ -120,8 +120,15 @@ def _pax_time(v: str, at: int) -> int:
     neg = v.startswith("-")
     s = v[1:] if neg else v
     whole, _, frac = s.partition(".")
-    if not whole.isdigit() or (frac and not frac.isdigit()):
-        raise FormatError(f"tar header at offset {at}: invalid PAX time {v!r}")
+    # ASCII digits only (str.isdigit accepts "²"), and no more than an int64 of seconds holds
+    if not (
+        whole.isascii()
+        and whole.isdigit()
+        and len(whole) <= 19
+        and frac.isascii()
+        and (not frac or frac.isdigit())
+    ):
+        raise FormatError(f"tar header at offset {at}: invalid PAX time {v[:40]!r}")
     ns = int(whole) * 1_000_000_000 + int((frac + "000000000")[:9])
     return -ns if neg else ns
 
@@ -230,6 +237,8 @@ def scan_tar(tar: bytes) -> TarScan:
             link = pax["linkpath"]
         if "size" in pax:
             size = _pax_int(pax["size"], "size", pos)
+            if size < 0:  # would walk the stream backwards (an endless loop)
+                raise FormatError(f"tar PAX header at offset {start}: negative size {size}")
         uid = (
             _pax_int(pax["uid"], "uid", pos) if "uid" in pax else _numeric(hdr[108:116], "uid", pos)
         )
@@ -291,10 +300,11 @@ def scan_tar(tar: bytes) -> TarScan:
 
 
 def _pax_int(v: bytes, what: str, at: int) -> int:
-    try:
-        return int(v)
-    except ValueError:
-        raise FormatError(f"tar PAX header at offset {at}: invalid {what} {v!r}") from None
+    s = v.strip(b" ")
+    body = s[1:] if s[:1] == b"-" else s
+    if not (body.isdigit() and len(body) <= 19):  # ASCII digits, at most an int64
+        raise FormatError(f"tar PAX header at offset {at}: invalid {what} {v[:40]!r}")
+    return int(s)
 
 
 # --- CRC-64/ISO (Go hash/crc64 with crc64.ISO: reflected polynomial 0xD800000000000000) ---
@@ -416,22 +426,34 @@ def assemble_tar(tarsplit: bytes, content: Callable[[str, bytes], bytes]) -> byt
         payload = e.get("payload")
         try:
             raw = base64.b64decode(payload, validate=True) if isinstance(payload, str) else b""
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a non-ASCII string
             raise FormatError(f"tar-split line {lineno}: invalid base64 payload") from None
         if e.get("type") == SEGMENT_TYPE:
             out.append(raw)
         elif e.get("type") == FILE_TYPE:
             size = e.get("size", 0)
-            if not isinstance(size, int) or size < 0:
+            if type(size) is not int or size < 0:
                 raise FormatError(f"tar-split line {lineno}: invalid size")
             if size == 0:
                 continue
             if "name_raw" in e:
-                name_raw = base64.b64decode(e["name_raw"])
+                nr = e["name_raw"]
+                try:
+                    if type(nr) is not str:
+                        raise binascii.Error("not a string")
+                    name_raw = base64.b64decode(nr, validate=True)
+                except ValueError:  # binascii.Error, or a non-ASCII string
+                    raise FormatError(f"tar-split line {lineno}: invalid name_raw") from None
                 name = name_raw.decode("utf-8", "replace")
             else:
-                name = str(e.get("name", ""))
-                name_raw = name.encode("utf-8")
+                nm = e.get("name", "")
+                if type(nm) is not str:
+                    raise FormatError(f"tar-split line {lineno}: invalid name")
+                name = nm
+                try:
+                    name_raw = name.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise FormatError(f"tar-split line {lineno}: invalid name") from None
             data = content(name, name_raw)
             if len(data) != size:
                 raise FormatError(

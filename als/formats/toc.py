@@ -48,6 +48,8 @@ _TIME_RE = re.compile(
 )
 _MAX_OFFSET = 1 << 62
 _MAX_XATTRS = 4096
+_MAX_OBJECTS = 2 * MAX_TOC_RECORDS + 1  # records, their xattrs maps, the document
+_MAX_ARRAYS = MAX_TOC_RECORDS
 
 
 def parse_digest(value: object) -> bytes:
@@ -140,6 +142,12 @@ def load_toc_json(data: bytes, *, layer: str = "") -> dict[str, Any]:
     """Decode TOC JSON bytes into the top-level object (checked: object, version 1, entries)."""
     if len(data) > MAX_TOC_JSON:
         raise _bad(layer, "JSON", f"larger than {MAX_TOC_JSON} bytes")
+    # Parsed JSON costs far more memory than its text: "[{},{},...]" takes ~25 bytes per byte,
+    # so a small compressed TOC could need gigabytes before the record count is checked. Count
+    # the containers first (bytes inside strings only make the counts larger): at most one
+    # object per record plus its xattrs, arrays only as rarely. What remains is at most ~10x.
+    if data.count(b"{") > _MAX_OBJECTS or data.count(b"[") > _MAX_ARRAYS:
+        raise _bad(layer, "JSON", f"more objects or arrays than {MAX_TOC_RECORDS} records hold")
     try:
         doc = json.loads(data)
     except RecursionError:

@@ -300,3 +300,41 @@ def basic_header(cred: Credential) -> str:
         raise AuthError(f"credentials for user {cred.username!r} have no password for basic auth")
     raw = f"{cred.username}:{cred.password}".encode()
     return "Basic " + base64.b64encode(raw).decode()
+
+
+# ---- which token realms may receive a registry's credentials ---------------------------------
+
+# Docker Hub's registry hands out tokens from auth.docker.io: its credentials go there.
+DEFAULT_AUTH_REALM_HOSTS = "registry-1.docker.io=auth.docker.io"
+_HOST_RE = re.compile(r"\*|[a-z0-9]([a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
+
+
+@dataclass(frozen=True)
+class RealmPolicy:
+    """Token realms on other hosts that may receive a registry's credentials.
+
+    A registry's credentials always go to a realm on the registry's own host name; to another
+    host only where ``pairs`` maps the registry host (or ``*``) to the realm host (or ``*``).
+    """
+
+    pairs: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def allows(self, registry_host: str, realm_host: str) -> bool:
+        reg, realm = registry_host.lower(), realm_host.lower()
+        if reg == realm:
+            return True
+        allowed = self.pairs.get(reg, frozenset()) | self.pairs.get("*", frozenset())
+        return realm in allowed or "*" in allowed
+
+
+def parse_realm_policy(text: str) -> RealmPolicy:
+    """``"registry=realm, registry=realm"`` (host names without ports, ``*`` for any)."""
+    pairs: dict[str, set[str]] = {}
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not item:
+            continue
+        reg, sep, realm = item.lower().partition("=")
+        if not sep or not _HOST_RE.fullmatch(reg) or not _HOST_RE.fullmatch(realm):
+            raise ConfigError(f"auth_realm_hosts: {item!r} is not registry-host=realm-host")
+        pairs.setdefault(reg, set()).add(realm)
+    return RealmPolicy({k: frozenset(v) for k, v in pairs.items()})

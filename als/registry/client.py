@@ -14,8 +14,12 @@ then the primary) and to other repositories of the same registry where the diges
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
+import heapq
+import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -23,6 +27,7 @@ import platform as _platform
 import random
 import re
 import shutil
+import socket
 import ssl
 import tempfile
 import threading
@@ -42,10 +47,13 @@ from requests.utils import DEFAULT_CA_BUNDLE_PATH
 from als import __version__
 from als.errors import AuthError, NotFound, RegistryError, VerifyError
 from als.registry.auth import (
+    DEFAULT_AUTH_REALM_HOSTS,
     Challenge,
     Credential,
     CredentialStore,
+    RealmPolicy,
     basic_header,
+    parse_realm_policy,
     parse_www_authenticate,
 )
 from als.registry.config import Endpoint, RegistriesConf
@@ -100,6 +108,144 @@ class _RedactFilter(logging.Filter):
 
 
 logging.getLogger("urllib3.connectionpool").addFilter(_RedactFilter())
+
+
+# ---- where als never connects, and how long an exchange may last --------------------------
+
+# Link-local addresses (cloud metadata services live there: 169.254.169.254, fd00:ec2::254),
+# also in their IPv4-mapped and NAT64 forms. No registry, mirror, redirect target or token
+# realm may be there: a hostile registry would otherwise make als fetch metadata credentials.
+BLOCKED_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "64:ff9b::a9fe:0/112")
+)
+_RESOLVE_TTL = 30.0
+
+
+def blocked_address(addr: str) -> bool:
+    """Whether ``addr`` (an IP address text) is one als refuses to talk to."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == net.version and ip in net for net in BLOCKED_NETWORKS)
+
+
+class _Watch:
+    """A deadline on one HTTP exchange: when it passes, the connection's socket is shut down,
+    which ends a read blocked on headers or a body that trickles and never ends."""
+
+    __slots__ = ("cancelled", "conn", "when")
+
+    def __init__(self, when: float) -> None:
+        self.when = when
+        self.conn: Any = None
+        self.cancelled = False
+
+    def fire(self) -> None:
+        conn = self.conn
+        if self.cancelled or conn is None or getattr(conn, "_als_watch", None) is not self:
+            return  # finished, or the connection has moved on to another exchange
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """One daemon thread firing ``_Watch``es at their time."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, w: _Watch) -> None:
+        with self._cv:
+            heapq.heappush(self._heap, (w.when, next(self._seq), w))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="als-http-watchdog",
+                                                daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    while self._heap and self._heap[0][2].cancelled:
+                        heapq.heappop(self._heap)
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now:
+                        w = heapq.heappop(self._heap)[2]
+                        break
+                    self._cv.wait(self._heap[0][0] - now if self._heap else None)
+            w.fire()
+
+
+_WATCHDOG = _Watchdog()
+_CURRENT = threading.local()  # the _Watch of the exchange this thread is starting
+
+
+def _guard_new_conn(conn: Any, sock: socket.socket) -> socket.socket:
+    """Refuse a direct connection that ended up at a blocked address (DNS rebinding between
+    als's own check and the connect): nothing is sent on it."""
+    if getattr(conn, "_tunnel_host", None):
+        return sock  # through a proxy: the peer is the proxy
+    try:
+        peer = str(sock.getpeername()[0])
+    except OSError:
+        peer = ""
+    if blocked_address(peer):
+        sock.close()
+        raise urllib3.exceptions.NewConnectionError(
+            conn, f"refusing to talk to {conn.host}: it is at {peer}, a link-local (cloud "
+                  f"metadata) address")
+    return sock
+
+
+def _guard_request(conn: Any) -> None:
+    w: _Watch | None = getattr(_CURRENT, "watch", None)
+    conn._als_watch = w
+    if w is not None:
+        w.conn = conn
+
+
+class _GuardedHTTPConnection(urllib3.connection.HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        return _guard_new_conn(self, super()._new_conn())
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _guard_request(self)
+        super().request(*args, **kwargs)
+
+
+class _GuardedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        return _guard_new_conn(self, super()._new_conn())
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _guard_request(self)
+        super().request(*args, **kwargs)
+
+
+class _GuardedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+class _GuardedAdapter(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _GuardedHTTPPool, "https": _GuardedHTTPSPool,
+        }
 
 
 def host_platform() -> str:
@@ -253,6 +399,7 @@ class RegistryClient:
         backoff_cap: float = 10.0,
         redirect_ttl: float = 120.0,
         mirror_down_time: float = 30.0,
+        auth_realm_hosts: str | RealmPolicy = DEFAULT_AUTH_REALM_HOSTS,
     ) -> None:
         self.conf = registries_conf if registries_conf is not None else RegistriesConf()
         self.credentials = credentials if credentials is not None else CredentialStore()
@@ -268,6 +415,10 @@ class RegistryClient:
         self.backoff_cap = backoff_cap
         self.redirect_ttl = redirect_ttl
         self.mirror_down_time = mirror_down_time
+        self.realm_policy = (parse_realm_policy(auth_realm_hosts)
+                             if isinstance(auth_realm_hosts, str) else auth_realm_hosts)
+        self._withheld: set[tuple[str, str]] = set()
+        self._resolved: dict[str, tuple[float, tuple[str, ...]]] = {}
         self.stats = ClientStats()
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -294,8 +445,7 @@ class RegistryClient:
         if s is None:
             s = requests.Session()
             s.trust_env = False  # no .netrc credentials; proxies are applied per request below
-            adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=16,
-                                                    max_retries=0)
+            adapter = _GuardedAdapter(pool_connections=8, pool_maxsize=16, max_retries=0)
             s.mount("https://", adapter)
             s.mount("http://", adapter)
             s.headers.clear()
@@ -358,11 +508,48 @@ class RegistryClient:
         return (max(0.05, min(self.connect_timeout, remaining)),
                 max(0.05, min(self.read_timeout, remaining)))
 
-    def _send(self, method: str, url: str, *, headers: Mapping[str, str], deadline: float,
-              stream: bool = False, data: bytes | None = None) -> requests.Response:
-        """One HTTP exchange, no redirects followed; network failures become _Transient."""
+    def _check_address(self, url: str) -> None:
+        """Refuse (before connecting) a URL whose host is, or resolves to, a blocked address."""
         parts = urlsplit(url)
+        name = parts.hostname or ""
+        if blocked_address(name):
+            raise RegistryError(f"refusing to connect to {parts.netloc}: a link-local (cloud "
+                                f"metadata) address is never a registry")
+        now = time.monotonic()
+        with self._lock:
+            hit = self._resolved.get(name)
+        if hit is None or hit[0] < now:
+            try:
+                infos = socket.getaddrinfo(name, parts.port or 443, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError):
+                return  # the connection attempt reports it (and the connect-time check stays)
+            addrs = tuple(sorted({str(i[4][0]) for i in infos}))
+            with self._lock:
+                if len(self._resolved) > 1024:
+                    self._resolved.clear()
+                self._resolved[name] = (now + _RESOLVE_TTL, addrs)
+        else:
+            addrs = hit[1]
+        bad = next((a for a in addrs if blocked_address(a)), None)
+        if bad is not None:
+            raise RegistryError(f"refusing to connect to {parts.netloc} (it resolves to {bad}): "
+                                f"a link-local (cloud metadata) address is never a registry")
+
+    def _send(self, method: str, url: str, *, headers: Mapping[str, str], deadline: float,
+              stream: bool = False, data: bytes | None = None, watch: bool = True
+              ) -> requests.Response:
+        """One HTTP exchange, no redirects followed; network failures become _Transient.
+
+        Unless ``watch`` is false, the exchange (headers and, for ``stream``, the body) is cut
+        off when ``deadline`` passes, however slowly the server keeps sending."""
+        parts = urlsplit(url)
+        if "@" in parts.netloc:  # user:password@ in a URL (a redirect's): never used, never shown
+            parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+            url = parts.geturl()
         host = parts.netloc
+        if parts.scheme not in ("http", "https"):
+            raise RegistryError(f"refusing {method} {_safe(url)}: only http and https are used")
+        self._check_address(url)
         kwargs: dict[str, Any] = {}
         if parts.scheme == "https":
             kwargs["verify"] = self._verify(host)
@@ -372,10 +559,14 @@ class RegistryClient:
         proxies = requests.utils.get_environ_proxies(url)
         self.stats.add(requests=1, host=host)
         log.debug("%s %s://%s%s", method, parts.scheme, host, parts.path)
+        w = _Watch(deadline) if watch else None
+        if w is not None:
+            _WATCHDOG.add(w)
+        _CURRENT.watch = w
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
-                return self._session().request(
+                resp = self._session().request(
                     method, url, headers=dict(headers), data=data, stream=stream,
                     allow_redirects=False, timeout=self._timeout(deadline), proxies=proxies,
                     **kwargs,
@@ -383,8 +574,21 @@ class RegistryClient:
         except requests.exceptions.SSLError as exc:
             raise _TLSFailure(f"TLS error talking to {host}: {_safe(exc)}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
+            if w is not None and time.monotonic() >= w.when:
+                raise _Transient(f"{method} {host}{parts.path}: no complete answer before the "
+                                 f"deadline", host=host) from None
             raise _Transient(f"{method} {host}{parts.path}: {type(exc).__name__}: {_safe(exc)}",
                              host=host) from None
+        except requests.RequestException as exc:  # invalid URL or header from a hostile server
+            raise RegistryError(f"{method} {host}{parts.path}: {type(exc).__name__}: "
+                                f"{_safe(exc)}") from None
+        finally:
+            _CURRENT.watch = None
+            if w is not None and not stream:
+                w.cancelled = True
+        if w is not None and stream and resp.raw is None:
+            w.cancelled = True
+        return resp
 
     # ---- ping, auth --------------------------------------------------------------------------
     def _ping(self, host: str, insecure: bool, deadline: float) -> _HostState:
@@ -464,7 +668,22 @@ class RegistryClient:
         realm = ch.realm
         if not realm.startswith(("https://", "http://")):
             raise AuthError(f"{host}: bearer challenge with an unusable realm")
+        try:
+            self._check_address(realm)
+        except RegistryError as exc:
+            raise AuthError(f"{host}: token realm refused, {exc}") from None
         cred = self._credential(host, repo)
+        realm_host = urlsplit(realm).netloc.rpartition("@")[2]
+        withheld = False
+        if cred is not None and not self._realm_allowed(host, realm):
+            withheld, cred = True, None
+            with self._lock:
+                first = (host, realm_host) not in self._withheld
+                self._withheld.add((host, realm_host))
+            if first:
+                log.warning("not sending the credentials for %s to its token realm %s (another "
+                            "host; allow it with auth_realm_hosts); asking anonymously",
+                            host, realm_host)
         service = ch.params.get("service", "")
         headers = {"Accept-Encoding": "identity"}
         if cred is not None and cred.identity_token:
@@ -480,14 +699,15 @@ class RegistryClient:
             url = realm + ("&" if "?" in realm else "?") + q
             resp = self._send("GET", url, headers=headers, deadline=deadline)
         with resp:
-            realm_host = urlsplit(realm).netloc
             if resp.status_code in TRANSIENT_STATUSES:
                 raise _Transient(f"token server {realm_host}: HTTP {resp.status_code}",
                                  _retry_after(resp), host)
             if resp.status_code in (401, 403):
                 who = f"as {cred.username!r}" if cred else "anonymously"
-                raise AuthError(f"token server {realm_host} refused a token for {scope} {who} "
-                                f"(HTTP {resp.status_code})")
+                why = (f"; the credentials for {host} were withheld from this realm on another "
+                       f"host (auth_realm_hosts)" if withheld else "")
+                raise AuthError(f"token server {realm_host} refused a token for {scope} of "
+                                f"{host} {who} (HTTP {resp.status_code}){why}")
             if resp.status_code != 200:
                 raise AuthError(f"token server {realm_host}: HTTP {resp.status_code} for {scope}")
             try:
@@ -500,18 +720,30 @@ class RegistryClient:
             raise AuthError(f"token server {realm_host} sent no token for {scope}")
         return f"Bearer {token}", ttl
 
+    def _realm_allowed(self, host: str, realm: str) -> bool:
+        """Whether the credentials for registry ``host`` may be sent to token ``realm``."""
+        reg = (urlsplit(f"//{host}").hostname or "").lower()
+        parts = urlsplit(realm)
+        target = (parts.hostname or "").lower()
+        if parts.scheme != "https" and not is_loopback_host(target):
+            # plain http only back to the registry's own host, when that is reached over http
+            return target == reg and self._host_state(host).scheme == "http"
+        return self.realm_policy.allows(reg, target)
+
     # ---- core request with auth + redirects ------------------------------------------------
     def _request(self, ep_host: str, repo: str, method: str, path: str, *, deadline: float,
                  headers: Mapping[str, str] | None = None, actions: str = "pull",
                  insecure: bool = False, stream: bool = False, data: bytes | None = None,
-                 redirect_key: tuple[str, str, str] | None = None) -> requests.Response:
+                 redirect_key: tuple[str, str, str] | None = None, watch: bool = True
+                 ) -> requests.Response:
         st = self._ping(ep_host, insecure, deadline)
         url = f"{st.scheme}://{ep_host}{path}"
         hdrs = {"Accept-Encoding": "identity", **(headers or {})}
         auth = self._auth_header(ep_host, repo, actions, deadline)
         if auth:
             hdrs["Authorization"] = auth
-        resp = self._send(method, url, headers=hdrs, deadline=deadline, stream=stream, data=data)
+        resp = self._send(method, url, headers=hdrs, deadline=deadline, stream=stream, data=data,
+                          watch=watch)
         if resp.status_code == 401:
             chs = parse_www_authenticate(resp.headers.get("WWW-Authenticate", ""))
             resp.close()
@@ -523,22 +755,33 @@ class RegistryClient:
             if auth:
                 hdrs["Authorization"] = auth
             resp = self._send(method, url, headers=hdrs, deadline=deadline, stream=stream,
-                              data=data)
+                              data=data, watch=watch)
         hops = 0
+        origin = urlsplit(url)
         while resp.status_code in REDIRECT_STATUSES and "Location" in resp.headers:
             hops += 1
             if hops > MAX_REDIRECTS:
                 resp.close()
-                raise RegistryError(f"{method} {ep_host}{path}: too many redirects")
+                raise RegistryError(f"{method} {ep_host}{path}: more than {MAX_REDIRECTS} "
+                                    f"redirects (a loop?), last to {urlsplit(url).netloc}")
             new = urljoin(url, resp.headers["Location"])
             resp.close()
-            if urlsplit(new).netloc != urlsplit(url).netloc:
+            target = urlsplit(new)
+            if target.scheme not in ("http", "https"):
+                raise RegistryError(f"{method} {ep_host}{path}: refusing a redirect to a "
+                                    f"{target.scheme or 'schemeless'}: URL (only http and https "
+                                    f"are followed)")
+            try:
+                self._check_address(new)
+            except RegistryError as exc:
+                raise RegistryError(f"{method} {ep_host}{path}: redirected, {exc}") from None
+            if (target.scheme, target.netloc) != (origin.scheme, origin.netloc):
                 hdrs.pop("Authorization", None)  # never send registry credentials elsewhere
             if resp.status_code == 303:
                 method, data = ("HEAD" if method == "HEAD" else "GET"), None
             url = new
             resp = self._send(method, url, headers=hdrs, deadline=deadline, stream=stream,
-                              data=data)
+                              data=data, watch=watch)
         if hops and redirect_key is not None and resp.status_code in (200, 206):
             with self._lock:
                 self._redirects[redirect_key] = (url, time.monotonic() + self.redirect_ttl)
@@ -1028,7 +1271,7 @@ class RegistryClient:
                 headers = {"Range": f"bytes={off}-"} if off else {}
                 resp = self._request(ep.host, repo, "GET", f"/v2/{repo}/blobs/{digest}",
                                      deadline=until, headers=headers, insecure=ep.insecure,
-                                     stream=True)
+                                     stream=True, watch=False)
                 self._check_status(resp, what, ep.host)
                 return resp
 

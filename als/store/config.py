@@ -18,6 +18,9 @@ class StoreConfig:
     registries_conf: str | None = None  # default: /etc/containers/registries.conf (+ .d)
     authfile: str | None = None  # default: the usual podman/docker auth files
     platform: str | None = None  # os/arch[/variant]; default: this host
+    # Token realms on another host than the registry that may receive the registry's
+    # credentials: "registry-host=realm-host" pairs, "*" for any (docs/registries.md).
+    auth_realm_hosts: str = "registry-1.docker.io=auth.docker.io"
     # How long a podman lookup may take before the store answers ENOENT (podman then pulls
     # normally). podman asks the store about every layer of every pull: keep it short.
     lookup_timeout: float = 15.0

@@ -27,14 +27,14 @@ INPUT_TIMEOUT_S = 10
 
 def _child(target_name: str, seconds: int, workdir: Path) -> None:
     """Run one target under atheris (in this process; exits when done or on a finding)."""
-    import atheris
+    import atheris  # type: ignore[import-untyped]  # optional, ships no type information
 
     sys.path.insert(0, str(REPO))
     with atheris.instrument_imports(include=["als"]):
-        import als.formats.decode  # noqa: F401  # instrumented for coverage feedback
-        import als.formats.detect  # noqa: F401
-        import als.formats.model  # noqa: F401
-        import als.formats.tarsplit  # noqa: F401
+        import als.formats.decode  # instrumented for coverage feedback
+        import als.formats.detect
+        import als.formats.model
+        import als.formats.tarsplit
         import als.formats.toc  # noqa: F401
     from tests.fuzz.targets import MAX_INPUT, TARGETS
 

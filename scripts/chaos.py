@@ -270,6 +270,8 @@ class Collector:
 
     def poll(self) -> None:
         try:
+            if self.path.stat().st_size < self.offset:  # a new container, a new log file
+                self.offset, self.partial = 0, ""
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
                 data = f.read()
@@ -338,10 +340,12 @@ class Outage:
     """One induced kill -9 of als-mount and the recovery after it (wall-clock times)."""
 
     kill: float
+    exited: float = 0.0  # the killed process was reaped
     als_up: float = 0.0
     containers_up: float = 0.0
     start_attempts: dict[str, int] = field(default_factory=dict)  # -1: never started
     start_errors: list[str] = field(default_factory=list)
+    recreated: list[str] = field(default_factory=list)  # removed and run anew
 
 
 @dataclass
@@ -364,6 +368,7 @@ class Run:
     stop: threading.Event = field(default_factory=threading.Event)
     drops: int = 0
     drop_error: str = ""
+    run_args: dict[str, list[str]] = field(default_factory=dict)  # podman run arguments
 
     # -- als-mount --
     def start_als(self) -> ProcessMount:
@@ -386,6 +391,7 @@ class Run:
         note(f"kill -9 als-mount (pid {self.mount.proc.pid})")
         self.mount.proc.kill()
         self.exits.append(self.mount.proc.wait())
+        out.exited = time.time()
         time.sleep(self.plan.down)
         self.start_als()
         out.als_up = time.time()
@@ -405,10 +411,17 @@ class Run:
         names = [c for c, _ in self.plan.containers]
         self.pm("stop", "-t", "2", *names, timeout=180, check=False)
         for name in names:
-            for attempt in range(1, 16):
-                # unmount what is left of the old rootfs (its lower layers were the dead mount)
-                self.pm("container", "cleanup", name, timeout=60, check=False)
-                r = self.pm("start", name, timeout=120, check=False)
+            for attempt in range(1, 9):
+                if attempt <= 4:
+                    # unmount what is left of the old rootfs (its lower layers were the dead
+                    # mount), then start the same container again
+                    self.pm("container", "cleanup", name, timeout=60, check=False)
+                    r = self.pm("start", name, timeout=120, check=False)
+                else:
+                    # still refused: replace the container, as a supervisor would
+                    self.pm("rm", "-f", "-t", "0", name, timeout=120, check=False)
+                    r = self.pm("run", "-d", *self.run_args[name], timeout=120, check=False)
+                    out.recreated.append(name)
                 state = self.pm("inspect", "--format", "{{.State.Status}}", name,
                                 check=False).stdout.strip()
                 if state == "running":
@@ -613,8 +626,9 @@ def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
         for name, c in run.collectors.items():
             t = next((r.t for r in c.reads if r.ok and r.t >= o.containers_up), None)
             after[name] = None if t is None else round(t - o.kill, 2)
-        restarts.append({"start_attempts": o.start_attempts,
+        restarts.append({"start_attempts": o.start_attempts, "recreated": o.recreated,
                          "start_errors": o.start_errors[:6],
+                         "killed_process_gone_s": round(o.exited - o.kill, 2),
                          "als_back_s": round(o.als_up - o.kill, 2),
                          "containers_restarted_s": round(o.containers_up - o.kill, 2),
                          "first_correct_read_s": after,
@@ -737,9 +751,10 @@ def execute(plan: Plan, work: Path, seed: int) -> tuple[dict[str, Any], bool]:
             img = by_name[iname]
             (vol / f"list-{cname}").write_text("".join(f"{p}\n" for p in img.sums))
             log_path = logs / f"{cname}.log"
-            run.pm("run", "-d", "--name", cname, *RUN_FLAGS, "--log-driver", "k8s-file",
-                   "--log-opt", f"path={log_path}", "-v", f"{vol}:/chaos:ro", img.ref,
-                   *container_cmd(cname))
+            run.run_args[cname] = ["--name", cname, *RUN_FLAGS, "--log-driver", "k8s-file",
+                                   "--log-opt", f"path={log_path}", "-v", f"{vol}:/chaos:ro",
+                                   img.ref, *container_cmd(cname)]
+            run.pm("run", "-d", *run.run_args[cname])
             run.collectors[cname] = Collector(cname, log_path, img.sums)
         for target in (run.dropper, run.poller):
             th = threading.Thread(target=target, daemon=True)

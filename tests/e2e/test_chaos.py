@@ -1,0 +1,62 @@
+"""End to end: the CI variant of the chaos run (``scripts/chaos --quick``).
+
+Three lazily pulled images, one container each checksumming its tree in a loop, while the fault
+proxy between als-mount and the registry resets, fails, stalls, truncates and corrupts
+responses, the registry becomes unreachable, and als-mount is killed with -9 and restarted
+twice under a cache limit small enough that eviction runs all along. The run's own bar is
+asserted here from its JSON summary: zero wrong reads, zero failed reads that no fault
+explains, zero unplanned crashes, every layer pulled lazily, eviction seen, and every container
+passing a whole checksum round after the faults.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.podman import e2e_marks
+
+pytestmark = [*e2e_marks(), pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_chaos_quick(tmp_path: Path) -> None:
+    summary_path = tmp_path / "chaos.json"
+    p = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "chaos.py"), "--quick",
+         "--summary", str(summary_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    report = f"\n--- stdout ---\n{p.stdout[-6000:]}\n--- stderr ---\n{p.stderr[-6000:]}"
+    assert summary_path.exists(), f"no summary (exit {p.returncode}){report}"
+    s = json.loads(summary_path.read_text())
+    reads = s["reads"]
+    assert reads["wrong"] == 0, report
+    assert reads["eio_unexplained"] == 0 and reads["other_unexplained"] == 0, (
+        s["problems"], report)
+    assert reads["correct"] > 1000, report  # the containers did read, a lot
+    daemon = s["daemon"]
+    assert daemon["unplanned_crashes"] == 0, report
+    assert daemon["tracebacks"] == 0 and daemon["internal_errors"] == 0, report
+    assert daemon["induced_kills"] == 2 and daemon["exit_codes_of_killed"] == [-9, -9], report
+    assert daemon.get("exit_status") == 0, report
+    assert s["final_checksum"] and all(v["pass"] for v in s["final_checksum"].values()), (
+        s["final_checksum"], report)
+    lazy = s["lazy_pull"]
+    assert lazy["lazy"] == lazy["layers"] == 6, report
+    assert lazy["pull_bytes"] < lazy["blob_bytes"] / 2, report
+    assert s["cache"]["evictions"] > 0, report
+    # every kind of fault was really applied
+    assert {"reset", "status", "stall", "truncate", "corrupt"} <= set(
+        s["proxy"]["faults_applied"]), report
+    for restart in s["als_restarts"]:
+        assert restart["recover_seconds"] is not None, (restart, report)
+    assert "passed" in p.stdout and p.returncode == 0, report
+    # the tally lines are printed as "N passed, N failed"
+    assert all(" passed, 0 failed" in line for line in s["lines"]), (s["lines"], report)

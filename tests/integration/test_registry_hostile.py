@@ -294,7 +294,7 @@ def test_redirect_to_another_scheme_is_refused(srv: Hostile, location: str) -> N
     srv.route(rf"GET /v2/{REPO}/blobs/", _redirect(location))
     with _client() as c:
         err = _fails(lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(0, 10)]),
-                     within=1.5)
+                     within=3.0)
     scheme = location.split(":", maxsplit=1)[0]
     assert f"{scheme}:" in str(err) and srv.host in str(err)
     assert len([s for s in srv.seen if "/blobs/" in s.path]) == 1  # refused, not retried
@@ -338,7 +338,7 @@ def test_redirect_to_link_local_is_refused_without_connecting(
     srv.route(rf"GET /v2/{REPO}/blobs/", _redirect(location))
     with _client() as c:
         err = _fails(lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(0, 10)]),
-                     within=1.5)
+                     within=3.0)
         assert set(c.stats.per_host) == {srv.host}  # nothing was sent anywhere else
     assert "link-local" in str(err) and "refusing to connect" in str(err)
     assert "security-credentials" not in str(err)
@@ -348,12 +348,12 @@ def test_redirect_to_link_local_is_refused_without_connecting(
 def test_registry_or_token_realm_at_link_local_is_refused(
         srv: Hostile, metadata_dns: None, host: str) -> None:
     with _client() as c:
-        err = _fails(lambda: c.resolve(f"{host}/{REPO}:v1"), within=1.5)
+        err = _fails(lambda: c.resolve(f"{host}/{REPO}:v1"), within=3.0)
         assert "link-local" in str(err) and c.stats.requests == 0
     srv.route(r"GET /v2/", lambda h: h.answer(401, b"", {
         "WWW-Authenticate": f'Bearer realm="http://{host}/token",service="x"'}))
     with _client() as c:
-        err = _fails(lambda: c.resolve(f"{srv.host}/{REPO}:v1"), within=1.5)
+        err = _fails(lambda: c.resolve(f"{srv.host}/{REPO}:v1"), within=3.0)
         assert "link-local" in str(err) and set(c.stats.per_host) == {srv.host}
 
 
@@ -490,7 +490,7 @@ def test_manifest_answers_that_never_end_are_cut_at_the_deadline(
         srv: Hostile, responder: Responder) -> None:
     srv.route(rf"GET /v2/{REPO}/manifests/", responder)
     with _client(max_retry_time=2.0) as c:
-        err = _fails(lambda: c.resolve(f"{srv.host}/{REPO}:v1"), within=2.0 + 1.5)
+        err = _fails(lambda: c.resolve(f"{srv.host}/{REPO}:v1"), within=2.0 + 2.5)
     assert srv.host in str(err)
 
 
@@ -501,7 +501,7 @@ def test_blob_answers_that_never_end_are_cut_at_the_callers_deadline(
     srv.route(rf"GET /v2/{REPO}/blobs/", responder)
     with _client(max_retry_time=30.0) as c:
         err = _fails(lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(0, 100)],
-                                            deadline=time.monotonic() + 1.5), within=1.5 + 1.5)
+                                            deadline=time.monotonic() + 1.5), within=1.5 + 2.5)
     assert srv.host in str(err)
 
 
@@ -515,7 +515,7 @@ def test_real_registry_trickling_blob_is_cut_at_the_deadline(registry: RegistryS
             ref = f"{proxy.host}/hostile/slow:v1"
             c.resolve(ref)
             err = _fails(lambda: c.fetch_ranges(ref, layer.digest, [(0, 150_000)],
-                                                deadline=time.monotonic() + 1.5), within=3.0)
+                                                deadline=time.monotonic() + 1.5), within=4.0)
             assert proxy.host in str(err)
             proxy.clear()
             assert c.fetch_ranges(ref, layer.digest, [(0, 1000)]) == [layer.blob[:1000]]
@@ -539,7 +539,7 @@ def test_huge_content_length_on_a_range_is_refused_at_once(srv: Hostile) -> None
     srv.route(rf"GET /v2/{REPO}/blobs/", huge)
     with _client() as c:
         err = _fails(lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(0, 100)]),
-                     within=1.5)
+                     within=3.0)
         assert c.stats.bytes_received < 1 << 20
     assert str(10**15) in str(err) and srv.host in str(err)
 
@@ -559,7 +559,7 @@ def test_206_that_does_not_match_the_request_is_never_data(
     srv.route(rf"GET /v2/{REPO}/blobs/", _range_answer(206, body, headers))
     with _client(max_retry_time=1.0) as c:
         err = _fails(lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(100, 100)]),
-                     within=2.5)
+                     within=3.5)
     assert srv.host in str(err)
 
 

@@ -96,7 +96,7 @@ class LayerAnnotations:
                 raise FormatError(f"layer {layer}: annotation {key}={v!r:.80} is not a sha256")
             return v
 
-        td = ann.get(ANN_TOC_DIGEST)
+        td = first((ANN_TOC_DIGEST,))  # type-checked like the others (a manifest is JSON)
         mp = nums("manifest-position", first(ANN_MANIFEST_POSITION), 4)
         tp = nums("tarsplit-position", first(ANN_TARSPLIT_POSITION), 3)
         return cls(

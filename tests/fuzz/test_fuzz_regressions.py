@@ -10,10 +10,12 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from als.errors import FormatError
+from als.formats import LayerAnnotations
 from als.formats.model import MAX_TOC_RECORDS
 from als.formats.tarsplit import assemble_tar, scan_tar
 from als.formats.toc import load_toc_json
@@ -78,6 +80,22 @@ def test_toc_of_tiny_containers_is_refused_before_parsing(junk: bytes) -> None:
     with pytest.raises(FormatError, match="objects or arrays"):
         load_toc_json(doc)
     assert time.monotonic() - t < 5
+
+
+@pytest.mark.parametrize("value", [83, None, ["sha256:" + "a" * 64], {"a": 1}, 1.5])
+def test_annotation_values_that_are_not_strings_are_format_errors(value: object) -> None:
+    # Found by atheris: a number as the TOC digest annotation raised TypeError.
+    for key in (
+        "containerd.io/snapshot/stargz/toc.digest",
+        "io.github.containers.zstd-chunked.manifest-position",
+        "io.containers.zstd-chunked.manifest-checksum",
+    ):
+        ann: dict[str, Any] = {key: value}
+        if value is None:
+            assert LayerAnnotations.parse(ann) == LayerAnnotations()
+            continue
+        with pytest.raises(FormatError, match="not a string"):
+            LayerAnnotations.parse(ann, "L1")
 
 
 def test_toc_with_names_holding_braces_still_loads() -> None:

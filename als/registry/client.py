@@ -232,12 +232,26 @@ class _GuardedHTTPSConnection(urllib3.connection.HTTPSConnection):
         super().request(*args, **kwargs)
 
 
+def _disarm(conn: Any) -> None:
+    """A connection back in its pool is no exchange's any more: its watch must not fire."""
+    if conn is not None:
+        conn._als_watch = None
+
+
 class _GuardedHTTPPool(urllib3.HTTPConnectionPool):
     ConnectionCls = _GuardedHTTPConnection
+
+    def _put_conn(self, conn: Any) -> None:
+        _disarm(conn)
+        super()._put_conn(conn)
 
 
 class _GuardedHTTPSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _GuardedHTTPSConnection
+
+    def _put_conn(self, conn: Any) -> None:
+        _disarm(conn)
+        super()._put_conn(conn)
 
 
 class _GuardedAdapter(requests.adapters.HTTPAdapter):

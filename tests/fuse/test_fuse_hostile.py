@@ -175,6 +175,7 @@ def test_links_devices_and_setuid_are_served_as_the_layer_says(
                 assert "euid=" not in out.stdout and "egid=" not in out.stdout, out
         assert m.ops.internal_errors == 0
     # the daemon opened nothing outside its root (the tests' own opens go through the mount)
+    assert rec.paths  # the store did open files (its cache), all of them inside its root
     outside = [p for p in rec.paths if not p.startswith(str(tmp_path / "als"))]
     assert outside == [], outside
     assert not any("shadow" in p or "canary" in p for p in rec.paths), rec.paths

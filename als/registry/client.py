@@ -612,6 +612,7 @@ class RegistryClient:
         allow_http = insecure or self._insecure(host) or is_loopback_host(host)
         schemes = ["https", "http"] if allow_http else ["https"]
         first_error: Exception | None = None
+        transient: _Transient | None = None
         for scheme in schemes:
             try:
                 resp = self._send("GET", f"{scheme}://{host}/v2/",
@@ -620,6 +621,7 @@ class RegistryClient:
                 first_error = first_error or exc
                 continue
             except _Transient as exc:
+                transient = transient or exc
                 if first_error is None:
                     first_error = exc
                 continue
@@ -643,6 +645,8 @@ class RegistryClient:
             with self._lock:
                 st.scheme, st.challenge, st.pinged = scheme, challenge, True
             return st
+        if isinstance(first_error, _TLSFailure) and transient is not None:
+            raise transient  # TLS refused, plain http ran out of time: worth another try
         if isinstance(first_error, _TLSFailure):
             raise RegistryError(str(first_error))
         assert first_error is not None

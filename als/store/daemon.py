@@ -148,6 +148,7 @@ def make_source(cfg: StoreConfig) -> Source:
         credentials=creds,
         connect_timeout=cfg.connect_timeout,
         read_timeout=cfg.read_timeout,
+        auth_realm_hosts=cfg.auth_realm_hosts,
     )
 
 

@@ -44,6 +44,7 @@ _PREFETCH_GAP = 1 << 20  # prefetch reads through gaps this small: fewer, larger
 _BACKGROUND_RETRY_MAX = 60.0
 _SEQUENTIAL_GAP = 256 << 10  # a miss this close after the previous one looks sequential
 _READAHEAD_FIRST = 512 << 10  # the first read-ahead window (it doubles up to readahead_kb)
+_MAX_NEGATIVE = 4096  # failed lookups remembered for negative_ttl
 _MAX_HOMES = 200_000  # chunk digests remembered in LayerManager.homes (about 40 MB at most)
 
 
@@ -1106,7 +1107,17 @@ class LayerManager:
 
     def _refuse(self, key: tuple[str, str], reason: str) -> None:
         log.info("layer-refused ref=%s digest=%s lazy=false reason=%s", key[0], key[1], reason)
-        self._negative[key] = _Negative(time.monotonic() + self.cfg.negative_ttl, reason)
+        now = time.monotonic()
+        neg = self._negative
+        neg.pop(key, None)
+        neg[key] = _Negative(now + self.cfg.negative_ttl, reason)
+        # Bounded: a client looking up endless unknown names must not grow the store. Expired
+        # answers go first, then the oldest ones (insertion order).
+        if len(neg) > _MAX_NEGATIVE:
+            for k in [k for k, v in neg.items() if v.expires <= now]:
+                del neg[k]
+            while len(neg) > _MAX_NEGATIVE:
+                del neg[next(iter(neg))]
 
     async def _image(self, ref: str) -> ResolvedImageLike:
         hit = self._images.get(ref)

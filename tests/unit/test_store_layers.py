@@ -110,3 +110,32 @@ def test_merge_ranges_with_a_gap() -> None:
     assert merge_ranges([(0, 5), (100, 110)], 10) == [(0, 5), (100, 110)]
     assert merge_ranges([(0, 50), (10, 20)], 0) == [(0, 50)]
     assert merge_ranges([], 10) == []
+
+
+async def test_failed_lookups_remembered_are_bounded(layer: BuiltLayer) -> None:
+    """A client asking for endless unknown names cannot grow the store's memory."""
+    from als.store import layers as layers_mod
+
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    m = manager(src, negative_ttl=60)
+    n = layers_mod._MAX_NEGATIVE + 50
+    for i in range(n):
+        with pytest.raises(NotFound):
+            await m.lookup(REF, f"sha256:{i:064x}")
+    assert len(m._negative) == layers_mod._MAX_NEGATIVE
+    # the newest answers are the ones kept
+    resolves = src.resolves
+    with pytest.raises(NotFound):
+        await m.lookup(REF, f"sha256:{n - 1:064x}")
+    assert src.resolves == resolves
+
+
+def test_daemon_passes_the_realm_policy_to_the_client(tmp_path: Any) -> None:
+    from als.store.daemon import make_source
+
+    cfg = StoreConfig(root=tmp_path, auth_realm_hosts="reg.example=auth.example")
+    client: Any = make_source(cfg)
+    assert client.realm_policy.allows("reg.example", "auth.example")
+    default: Any = make_source(StoreConfig(root=tmp_path))
+    assert not default.realm_policy.allows("reg.example", "auth.example")

@@ -58,6 +58,10 @@ _TYPE_BITS = {
     EntryType.BLOCK: stat.S_IFBLK,
     EntryType.FIFO: stat.S_IFIFO,
 }
+# Attributes and directory listings of layer entries kept ready (they never change); each
+# table is emptied when full (a cheap bound: about 300 bytes an attribute).
+_ATTR_CACHE = 50_000
+_DIR_CACHE = 4096
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -99,6 +103,8 @@ class Operations(pyfuse3.Operations):
         self.manager = manager
         self.ns = Namespace()
         self.internal_errors = 0
+        self._attrs: dict[int, tuple[Instance, EntryAttributes]] = {}
+        self._dirs: dict[tuple[int, int], tuple[Instance, list[tuple[bytes, int]]]] = {}
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -170,7 +176,16 @@ class Operations(pyfuse3.Operations):
     def _attr(self, inode: int) -> EntryAttributes:
         if inode >> INSTANCE_SHIFT:
             inst, entry_id = self._instance(inode)
-            return self._layer_attr(inst, entry_id)
+            # Layer entries never change: their attributes are built once (checked against the
+            # instance, whose number a later instance may reuse).
+            hit = self._attrs.get(inode)
+            if hit is not None and hit[0] is inst:
+                return hit[1]
+            attr = self._layer_attr(inst, entry_id)
+            if len(self._attrs) >= _ATTR_CACHE:
+                self._attrs.clear()
+            self._attrs[inode] = (inst, attr)
+            return attr
         return self._store_attr(self._node(inode))
 
     @_guard
@@ -345,11 +360,18 @@ class Operations(pyfuse3.Operations):
         self, inst: Instance, dir_id: int, start: int
     ) -> list[tuple[bytes, int, int]]:
         """``(name, inode, next offset)`` of a layer directory from offset ``start``."""
-        listing = self.ns.listing(inst, dir_id).entries
-        return [
-            (name, inst.inode(self._resolved(inst, cid)), i + 1)
-            for i, (name, cid) in enumerate(listing[start:], start)
-        ]
+        hit = self._dirs.get((inst.number, dir_id))
+        if hit is not None and hit[0] is inst:
+            named = hit[1]
+        else:
+            named = [
+                (name, inst.inode(self._resolved(inst, cid)))
+                for name, cid in self.ns.listing(inst, dir_id).entries
+            ]
+            if len(self._dirs) >= _DIR_CACHE:
+                self._dirs.clear()
+            self._dirs[(inst.number, dir_id)] = (inst, named)
+        return [(name, inode, i + 1) for i, (name, inode) in enumerate(named[start:], start)]
 
     def _store_entries(self, node: StoreNode, start: int) -> list[tuple[bytes, int, int]]:
         """``(name, inode, next offset)`` of a store directory: the offset is the inode."""

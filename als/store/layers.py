@@ -44,6 +44,7 @@ _PREFETCH_GAP = 1 << 20  # prefetch reads through gaps this small: fewer, larger
 _BACKGROUND_RETRY_MAX = 60.0
 _SEQUENTIAL_GAP = 256 << 10  # a miss this close after the previous one looks sequential
 _READAHEAD_FIRST = 512 << 10  # the first read-ahead window (it doubles up to readahead_kb)
+_VERIFY_ATTEMPTS = 3  # fetches of bytes that fail verification before a read gets EIO
 _MAX_NEGATIVE = 4096  # failed lookups remembered for negative_ttl
 _MAX_HOMES = 200_000  # chunk digests remembered in LayerManager.homes (about 40 MB at most)
 
@@ -378,15 +379,7 @@ class Layer:
         # 3. The registry.
         fetched_spans: list[tuple[int, bytes]] = []
         if pending:
-            raw, fetched_spans = await self._fetch(pending, kind)
-            decoded, bad = await self._decode(pending, raw, whole)
-            if bad:
-                fid, c = bad[0]
-                raise VerifyError(
-                    f"layer {self.digest}: {self.index.path(fid)}: chunk at {c.coffset} "
-                    "failed verification"
-                )
-            out.update(decoded)
+            fetched_spans = await self._fetch_verified(pending, whole, kind, out)
         for k, data in out.items():
             m.memory.put(k, data)
         # 4. Keep what is new on disk (after the reader has its bytes): the compressed bytes go
@@ -413,6 +406,52 @@ class Layer:
             if to_store or fetched_spans:
                 m.spawn_disk_write(lambda: self._store(to_store, fetched_spans))
         return out
+
+    async def _fetch_verified(
+        self, pending: list[Item], whole: set[int], kind: str, out: dict[str, bytes]
+    ) -> list[tuple[int, bytes]]:
+        """Fetch ``pending`` from the registry into ``out``, verified. Bytes that fail
+        verification (a registry or network that corrupted them) are fetched again, up to
+        _VERIFY_ATTEMPTS times within the read timeout; they are never kept. Returns the
+        fetched spans that hold only verified chunks (for the download)."""
+        index = self.index
+        deadline = time.monotonic() + self.manager.cfg.read_timeout
+        spans_ok: list[tuple[int, bytes]] = []
+        todo = pending
+        for attempt in range(1, _VERIFY_ATTEMPTS + 1):
+            raw, spans = await self._fetch(todo, kind)
+            decoded, bad = await self._decode(todo, raw, whole)
+            # A file verified as a whole is fetched again as a whole.
+            bad_files = {fid for fid, _ in bad if fid in whole}
+            if bad_files:
+                for fid in bad_files:
+                    for c in index.chunks(fid):
+                        decoded.pop(self.key(c), None)
+                bad = [(fid, c) for fid, c in todo if self.key(c) not in decoded]
+            out.update(decoded)
+            ranges = [(c.coffset, c.cend) for _, c in bad if not c.zeros]
+            spans_ok += [
+                (s, d) for s, d in spans if not any(b < s + len(d) and e > s for b, e in ranges)
+            ]
+            if not bad:
+                return spans_ok
+            fid, c = bad[0]
+            what = f"layer {self.digest}: {index.path(fid)}: chunk at {c.coffset}"
+            if attempt == _VERIFY_ATTEMPTS or time.monotonic() >= deadline:
+                raise VerifyError(
+                    f"{what} failed verification {attempt} times; the registry keeps sending "
+                    "bytes that do not match the layer's TOC"
+                )
+            log.warning(
+                "refetch layer=%s kind=%s chunks=%d attempt=%d: %s failed verification",
+                self.digest,
+                kind,
+                len(bad),
+                attempt,
+                what,
+            )
+            todo = bad
+        return spans_ok  # not reached
 
     def _maybe_local(self, items: list[Item], whole: set[int]) -> bool:
         """Cheap check (no I/O): might the disk hold any of ``items``?"""
@@ -1045,15 +1084,20 @@ class LayerManager:
             return
         self._evicting = True
         try:
-            protected = await self.limiters.cpu_call(self._protected)
-            report = await self.limiters.disk_call(lambda: disk.evict(*protected))
-            log.info(
-                "cache-evict freed=%d items=%d remaining=%d limit=%d",
-                report.freed,
-                report.removed,
-                report.remaining,
-                disk.limit,
-            )
+            # Writes that land while a pass runs can take the cache over the limit again; a
+            # pass that frees nothing ends the loop (what is left is protected or busy).
+            for _ in range(8):
+                protected = await self.limiters.cpu_call(self._protected)
+                report = await self.limiters.disk_call(partial(disk.evict, *protected))
+                log.info(
+                    "cache-evict freed=%d items=%d remaining=%d limit=%d",
+                    report.freed,
+                    report.removed,
+                    report.remaining,
+                    disk.limit,
+                )
+                if not report.freed or not disk.over_limit():
+                    break
         finally:
             self._evicting = False
 

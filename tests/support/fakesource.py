@@ -32,6 +32,7 @@ class FakeSource:
     fail_fetches: int = 0  # the next N fetches raise RegistryError
     fail_all: bool = False
     corrupt: bool = False  # flip a bit in every range served
+    corrupt_next: int = 0  # flip a bit in the next N fetches (every range of each)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_image(self, ref: str, layers: Sequence[Any], *, diff_ids: bool = True) -> FakeImage:
@@ -82,12 +83,15 @@ class FakeSource:
         blob = self.blobs.get(digest)
         if blob is None:
             raise NotFound(f"blob unknown: {digest}")
+        with self._lock:
+            corrupt = self.corrupt or self.corrupt_next > 0
+            self.corrupt_next = max(self.corrupt_next - 1, 0)
         out = []
         for off, length in ranges:
             if off < 0 or length < 0 or off + length > len(blob):
                 raise RegistryError(f"range {off}+{length} outside blob of {len(blob)} bytes")
             data = blob[off : off + length]
-            if self.corrupt and data:
+            if corrupt and data:
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
             out.append(data)
         with self._lock:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from als.errors import AlsError
+from als.errors import AlsError, VerifyError
 from als.store.config import StoreConfig
 from als.store.layers import Layer, LayerManager
 from tests.support.fakesource import FakeSource
@@ -433,3 +433,39 @@ async def test_full_disk_reads_carry_on_and_say_so_once(
         await m.flush()
         assert m.status()["cache"]["degraded"]
     assert caplog.text.count("cache-degraded") == 1
+
+
+@pytest.mark.parametrize("fmt", ["estargz", "zstd-chunked"])
+async def test_bytes_corrupted_once_are_fetched_again(tmp_path: Path, fmt: str) -> None:
+    """A registry (or network) that corrupts one answer costs a second fetch, not an EIO."""
+    layer = make_layer(FILES, fmt, chunk_size=64 * 1024)
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    async with running(src, tmp_path, prefetch=False) as m:
+        lay = await m.lookup(REF, layer.digest)
+        src.corrupt_next = 1
+        requests = src.requests
+        assert await read_all(lay, "usr/lib/f05") == FILES["usr/lib/f05"]
+        assert src.requests == requests + 2
+        assert lay.read_errors == 0
+
+
+async def test_bytes_that_never_verify_are_eio_and_never_kept(
+    tmp_path: Path, layer: BuiltLayer
+) -> None:
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    async with running(src, tmp_path, prefetch=False) as m:
+        lay = await m.lookup(REF, layer.digest)
+        await m.flush()
+        assert lay.ingest is not None
+        before = lay.ingest.present()  # what the lookup fetched (the TOC)
+        src.corrupt = True
+        requests = src.requests
+        with pytest.raises(VerifyError, match="failed verification 3 times"):
+            await read_all(lay, "usr/lib/f05")
+        assert src.requests == requests + 3
+        await m.flush()
+        assert lay.ingest.present() == before  # nothing of it reached the download
+        src.corrupt = False
+        assert await read_all(lay, "usr/lib/f05") == FILES["usr/lib/f05"]

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import stat
 import subprocess
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -122,6 +123,25 @@ class _AuthFile:
     creds_store: str | None
 
 
+_WARNED_EXPOSED: set[str] = set()
+
+
+def _warn_if_exposed(path: str) -> None:
+    """Say once per file when credentials are readable or writable by other users."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o077 and path not in _WARNED_EXPOSED:
+        _WARNED_EXPOSED.add(path)
+        log.warning(
+            "auth file %s holds credentials and other users may access it (mode %o); "
+            "chmod 600 it",
+            path,
+            stat.S_IMODE(mode),
+        )
+
+
 def _load_auth_file(path: str) -> _AuthFile | None:
     try:
         text = Path(path).read_text()
@@ -140,6 +160,8 @@ def _load_auth_file(path: str) -> _AuthFile | None:
     raw_auths = data.get("auths", {})
     if not isinstance(raw_auths, dict):
         raise ConfigError(f"auth file {path}: 'auths' is not an object")
+    if raw_auths:
+        _warn_if_exposed(path)
     for key, entry in raw_auths.items():
         if isinstance(entry, dict):
             cred = _decode_auth_entry(entry, f"auth file {path}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,30 @@ def test_credential_keys_and_precedence(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(ConfigError):
         CredentialStore([str(bad)]).get("x", "y")
+
+
+def test_auth_file_others_can_read_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "s3cr3t-pass"  # noqa: S105 - a test credential
+    token = base64.b64encode(f"user:{secret}".encode()).decode()
+    f = tmp_path / "auth.json"
+    f.write_text(json.dumps({"auths": {"reg.example": {"auth": token}}}))
+    f.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="als.registry.auth"):
+        store = CredentialStore([str(f)])
+        cred = store.get("reg.example", "x")
+        store.reload()
+        store.get("reg.example", "x")
+    assert cred is not None and cred.password == secret
+    warnings = [r.getMessage() for r in caplog.records if "chmod 600" in r.getMessage()]
+    assert len(warnings) == 1 and "644" in warnings[0] and str(f) in warnings[0]
+    assert all(secret not in r.getMessage() for r in caplog.records)
+    # a private file is not warned about
+    caplog.clear()
+    g = tmp_path / "private.json"
+    g.write_text(f.read_text())
+    g.chmod(0o600)
+    with caplog.at_level(logging.WARNING, logger="als.registry.auth"):
+        assert CredentialStore([str(g)]).get("reg.example", "x") is not None
+    assert not [r for r in caplog.records if "chmod 600" in r.getMessage()]

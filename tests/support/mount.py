@@ -134,7 +134,7 @@ class ProcessMount:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> ProcessMount:
+    def start(self, timeout: float = 20) -> ProcessMount:
         self.root.mkdir(parents=True, exist_ok=True)
         logf = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
@@ -144,7 +144,7 @@ class ProcessMount:
             env=self.env,
         )
         logf.close()
-        wait_mounted(self.pool, proc=self.proc)
+        wait_mounted(self.pool, timeout, proc=self.proc)
         return self
 
     def log(self) -> str:

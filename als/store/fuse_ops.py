@@ -58,10 +58,9 @@ _TYPE_BITS = {
     EntryType.BLOCK: stat.S_IFBLK,
     EntryType.FIFO: stat.S_IFIFO,
 }
-# Attributes and directory listings of layer entries kept ready (they never change); each
-# table is emptied when full (a cheap bound: about 300 bytes an attribute).
+# Attributes of layer entries kept ready (they never change); the table is emptied when full
+# (a cheap bound: about 300 bytes an attribute). Listings are cached by the Namespace.
 _ATTR_CACHE = 50_000
-_DIR_CACHE = 4096
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -104,7 +103,6 @@ class Operations(pyfuse3.Operations):
         self.ns = Namespace()
         self.internal_errors = 0
         self._attrs: dict[int, tuple[Instance, EntryAttributes]] = {}
-        self._dirs: dict[tuple[int, int], tuple[Instance, list[tuple[bytes, int]]]] = {}
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -360,18 +358,13 @@ class Operations(pyfuse3.Operations):
         self, inst: Instance, dir_id: int, start: int
     ) -> list[tuple[bytes, int, int]]:
         """``(name, inode, next offset)`` of a layer directory from offset ``start``."""
-        hit = self._dirs.get((inst.number, dir_id))
-        if hit is not None and hit[0] is inst:
-            named = hit[1]
-        else:
-            named = [
-                (name, inst.inode(self._resolved(inst, cid)))
-                for name, cid in self.ns.listing(inst, dir_id).entries
-            ]
-            if len(self._dirs) >= _DIR_CACHE:
-                self._dirs.clear()
-            self._dirs[(inst.number, dir_id)] = (inst, named)
-        return [(name, inode, i + 1) for i, (name, inode) in enumerate(named[start:], start)]
+        lst = self.ns.listing(inst, dir_id)
+        return [
+            (name, inst.inode(rid), i + 1)
+            for i, ((name, _), rid) in enumerate(
+                zip(lst.entries[start:], lst.resolved[start:], strict=True), start
+            )
+        ]
 
     def _store_entries(self, node: StoreNode, start: int) -> list[tuple[bytes, int, int]]:
         """``(name, inode, next offset)`` of a store directory: the offset is the inode."""
@@ -405,11 +398,6 @@ class Operations(pyfuse3.Operations):
                 return True
             stack.extend(self.ns.nodes[i] for i in node.children.values() if i in self.ns.nodes)
         return False
-
-    @staticmethod
-    def _resolved(inst: Instance, cid: int) -> int:
-        target = inst.layer.index.entry(cid).target
-        return target if target >= 0 else cid
 
     @_guard
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:

@@ -65,7 +65,7 @@ def split_inode(inode: int) -> tuple[int, int]:
 class Listing:
     """A directory of a layer as overlayfs must see it: whiteouts translated, markers hidden."""
 
-    __slots__ = ("entries", "opaque")
+    __slots__ = ("entries", "opaque", "resolved")
 
     def __init__(self, index: LayerIndex, dir_id: int) -> None:
         out: list[tuple[bytes, int]] = []
@@ -84,6 +84,8 @@ class Listing:
         out.sort()
         self.entries = out
         self.opaque = opaque
+        # The inode entry each name shows (a hardlink's target), for readdir's answers.
+        self.resolved = [index.resolved(cid) for _, cid in out]
 
 
 def resolve_child(index: LayerIndex, dir_id: int, name: str) -> tuple[int, bool] | None:

@@ -59,8 +59,12 @@ COMPLETE_TIMEOUT = 600.0  # seconds to wait for the background downloads of row 
 
 
 def emit(metric: str, value: float, unit: str, **extra: Any) -> None:
-    print(json.dumps({"bench": "cache", "metric": metric, "value": round(value, 4),
-                      "unit": unit, **extra}), flush=True)
+    print(
+        json.dumps(
+            {"bench": "cache", "metric": metric, "value": round(value, 4), "unit": unit, **extra}
+        ),
+        flush=True,
+    )
 
 
 def note(msg: str) -> None:
@@ -104,8 +108,10 @@ def app_b_spec() -> tuple[dict[str, bytes | FileSpec], list[str]]:
             spec[str(p.relative_to("/"))] = FileSpec(content=p.read_bytes(), mode=0o644)
     if len(spec) < 2:
         rnd = random.Random(7)
-        spec = {f"opt/app-b/lib/m{i:04d}.txt": rnd.randbytes(rnd.randrange(1, 64) << 10)
-                for i in range(400)}
+        spec = {
+            f"opt/app-b/lib/m{i:04d}.txt": rnd.randbytes(rnd.randrange(1, 64) << 10)
+            for i in range(400)
+        }
     files = sorted(spec)
     return spec, [files[len(files) // 3], files[2 * len(files) // 3]]
 
@@ -118,10 +124,17 @@ def build() -> tuple[Images, str]:
     def lazy(tar: bytes, reads: Sequence[str]) -> BuiltLayer:
         return build_estargz(tar, prioritized=[r for r in reads if r.encode() in tar])
 
-    img = Images(lazy(tars[0], READS), lazy(tars[1], READS), lazy(tars[2], reads_b),
-                 build_gzip(tars[0]), build_gzip(tars[1]))
-    cmd_b = (f"cat /etc/motd; head -c 300 /{reads_b[0]}; echo; sha256sum /{reads_b[1]}; "
-             f'echo "$(ls /{Path(reads_b[1]).parent} | wc -l) entries"')
+    img = Images(
+        lazy(tars[0], READS),
+        lazy(tars[1], READS),
+        lazy(tars[2], reads_b),
+        build_gzip(tars[0]),
+        build_gzip(tars[1]),
+    )
+    cmd_b = (
+        f"cat /etc/motd; head -c 300 /{reads_b[0]}; echo; sha256sum /{reads_b[1]}; "
+        f'echo "$(ls /{Path(reads_b[1]).parent} | wc -l) entries"'
+    )
     return img, cmd_b
 
 
@@ -145,10 +158,15 @@ class Env:
 
     def als(self, name: str, **options: bool | float) -> ProcessMount:
         cfg = self.work / f"{name}.toml"
-        cfg.write_text("".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}\n"
-                               for k, v in options.items()))
-        m = ProcessMount(self.work / name, "--config", str(cfg),
-                         "--registries-conf", str(self.conf)).start()
+        cfg.write_text(
+            "".join(
+                f"{k} = {str(v).lower() if isinstance(v, bool) else v}\n"
+                for k, v in options.items()
+            )
+        )
+        m = ProcessMount(
+            self.work / name, "--config", str(cfg), "--registries-conf", str(self.conf)
+        ).start()
         self.mounts.append(m)
         return m
 
@@ -195,8 +213,11 @@ def wait_complete(root: Path, want: int, timeout: float) -> float:
         if sum(1 for la in last if la.get("complete")) >= want:
             return time.monotonic() - t0
         time.sleep(0.5)
-    detail = ", ".join(f"{la.get('digest', '?')[:19]} {la.get('cached_bytes')}/{la.get('size')} "
-                       f"({la.get('background')}: {la.get('last_error')})" for la in last)
+    detail = ", ".join(
+        f"{la.get('digest', '?')[:19]} {la.get('cached_bytes')}/{la.get('size')} "
+        f"({la.get('background')}: {la.get('last_error')})"
+        for la in last
+    )
     raise SystemExit(f"{NAME}: layers not complete after {timeout:g} s: {detail or 'none'}")
 
 
@@ -241,9 +262,18 @@ def row_b(env: Env, img: Images, cmd_b: str) -> dict[str, Any]:
     normal = layer_bytes(reg, [*img.a_lazy, img.app_b_lazy], mark)
     size_a = sum(x.size for x in img.a_lazy)
     size_b = sum(x.size for x in img.b_lazy)
-    return {"a": per["a"], "b": per["b"], "all_a": per_all["a"], "all_b": per_all["b"],
-            "size_a": size_a, "size_b": size_b, "base_size": img.base_lazy.size,
-            "base_during_b": base_during_b, "normal_shared": normal, "als_layers": links}
+    return {
+        "a": per["a"],
+        "b": per["b"],
+        "all_a": per_all["a"],
+        "all_b": per_all["b"],
+        "size_a": size_a,
+        "size_b": size_b,
+        "base_size": img.base_lazy.size,
+        "base_during_b": base_during_b,
+        "normal_shared": normal,
+        "als_layers": links,
+    }
 
 
 def row_a(env: Env, img: Images, repeat: int) -> dict[str, Any]:
@@ -285,41 +315,99 @@ def row_a(env: Env, img: Images, repeat: int) -> dict[str, Any]:
         sources = log_sources(f.read().decode(errors="replace"))
     # The registry is stopped, so this is 0; read from its access log all the same.
     reg_offline = all_bytes(reg, reg_mark)
-    return {"cold": cold, "base_cold": base_cold, "fill_seconds": fill, "fill_bytes": fill_bytes,
-            "cached": cached, "size": sum(x.size for x in img.a_lazy), "offline": offline,
-            "base_runs": base_runs, "fetched": fetched, "reg_offline": reg_offline,
-            "sources": sources, "als_layers": links}
+    return {
+        "cold": cold,
+        "base_cold": base_cold,
+        "fill_seconds": fill,
+        "fill_bytes": fill_bytes,
+        "cached": cached,
+        "size": sum(x.size for x in img.a_lazy),
+        "offline": offline,
+        "base_runs": base_runs,
+        "fetched": fetched,
+        "reg_offline": reg_offline,
+        "sources": sources,
+        "als_layers": links,
+    }
 
 
 def report(a: dict[str, Any], b: dict[str, Any], repeat: int, json_only: bool) -> None:
     off = statistics.median(a["offline"])
     base = statistics.median(a["base_runs"])
-    emit("offline_second_run.seconds", off, "s", repeat=repeat, runs=a["offline"],
-         registry="stopped", als_restarted=True)
-    emit("baseline_local_run.seconds", base, "s", repeat=repeat, runs=a["base_runs"],
-         image="gzip, normal pull")
+    emit(
+        "offline_second_run.seconds",
+        off,
+        "s",
+        repeat=repeat,
+        runs=a["offline"],
+        registry="stopped",
+        als_restarted=True,
+    )
+    emit(
+        "baseline_local_run.seconds",
+        base,
+        "s",
+        repeat=repeat,
+        runs=a["base_runs"],
+        image="gzip, normal pull",
+    )
     emit("offline_second_run.ratio", off / base, "x", baseline="baseline_local_run.seconds")
     emit("offline_second_run.registry_bytes", a["reg_offline"], "B", registry="stopped")
     emit("offline_second_run.store_fetched_bytes", a["fetched"], "B")
-    emit("offline_second_run.layer_sources", sum(a["sources"].values()), "lookups",
-         **{f"from_{k}": v for k, v in a["sources"].items()})
+    emit(
+        "offline_second_run.layer_sources",
+        sum(a["sources"].values()),
+        "lookups",
+        **{f"from_{k}": v for k, v in a["sources"].items()},
+    )
     emit("cold_pull_run.seconds", a["cold"], "s", store="als, background fetch, delay 0")
     emit("baseline_cold_pull_run.seconds", a["base_cold"], "s", image="gzip, normal pull")
     emit("cold_pull_run.ratio", a["cold"] / a["base_cold"], "x")
-    emit("background_fill.seconds", a["fill_seconds"], "s", registry_bytes=a["fill_bytes"],
-         cached_bytes=a["cached"], image_bytes=a["size"])
+    emit(
+        "background_fill.seconds",
+        a["fill_seconds"],
+        "s",
+        registry_bytes=a["fill_bytes"],
+        cached_bytes=a["cached"],
+        image_bytes=a["size"],
+    )
     total = b["a"] + b["b"]
     sizes = b["size_a"] + b["size_b"]
-    emit("shared_base.image_a.registry_bytes", b["a"], "B", image_bytes=b["size_a"],
-         all_requests_bytes=b["all_a"], percent=round(100 * b["a"] / b["size_a"], 2))
-    emit("shared_base.image_b.registry_bytes", b["b"], "B", image_bytes=b["size_b"],
-         all_requests_bytes=b["all_b"], percent=round(100 * b["b"] / b["size_b"], 2))
-    emit("shared_base.total.registry_bytes", total, "B", two_normal_pulls_bytes=sizes,
-         percent=round(100 * total / sizes, 2))
-    emit("shared_base.base_blob_during_b.bytes", b["base_during_b"], "B",
-         base_blob_bytes=b["base_size"])
-    emit("shared_base.normal_pulls_one_storage.bytes", b["normal_shared"], "B",
-         percent_of_sum=round(100 * b["normal_shared"] / sizes, 2))
+    emit(
+        "shared_base.image_a.registry_bytes",
+        b["a"],
+        "B",
+        image_bytes=b["size_a"],
+        all_requests_bytes=b["all_a"],
+        percent=round(100 * b["a"] / b["size_a"], 2),
+    )
+    emit(
+        "shared_base.image_b.registry_bytes",
+        b["b"],
+        "B",
+        image_bytes=b["size_b"],
+        all_requests_bytes=b["all_b"],
+        percent=round(100 * b["b"] / b["size_b"], 2),
+    )
+    emit(
+        "shared_base.total.registry_bytes",
+        total,
+        "B",
+        two_normal_pulls_bytes=sizes,
+        percent=round(100 * total / sizes, 2),
+    )
+    emit(
+        "shared_base.base_blob_during_b.bytes",
+        b["base_during_b"],
+        "B",
+        base_blob_bytes=b["base_size"],
+    )
+    emit(
+        "shared_base.normal_pulls_one_storage.bytes",
+        b["normal_shared"],
+        "B",
+        percent_of_sum=round(100 * b["normal_shared"] / sizes, 2),
+    )
     if json_only:
         return
 
@@ -327,27 +415,41 @@ def report(a: dict[str, Any], b: dict[str, Any], repeat: int, json_only: bool) -
         print(line, file=sys.stderr)
 
     srcs = ", ".join(f"{k} {v}" for k, v in sorted(a["sources"].items())) or "none logged"
-    p(f"\n### Disk cache: demo image (busybox + Python stdlib, {mb(a['size'])} eStargz), "
-      f"median of {repeat}\n")
+    p(
+        f"\n### Disk cache: demo image (busybox + Python stdlib, {mb(a['size'])} eStargz), "
+        f"median of {repeat}\n"
+    )
     p("| measurement | als | baseline | ratio | notes |")
     p("|---|---:|---:|---:|---|")
-    p(f"| (a) second `podman run` after an als restart, registry stopped | {off:.2f} s | "
-      f"{base:.2f} s (`podman run`, normal gzip pull, local storage) | {off / base:.2f}x | "
-      f"registry bytes {a['reg_offline']} (registry stopped), store fetched "
-      f"{a['fetched']} B; layer lookups from: {srcs} |")
-    p(f"| (a) cold `podman pull` + `run` (background fetch, delay 0) | {a['cold']:.2f} s | "
-      f"{a['base_cold']:.2f} s (normal gzip pull + run) | {a['cold'] / a['base_cold']:.2f}x | "
-      f"cache filled in {a['fill_seconds']:.1f} s more, {mb(a['fill_bytes'])} from the "
-      f"registry for {mb(a['size'])} of layers |")
-    p(f"| (b) registry bytes, image A | {mb(b['a'])} | {mb(b['size_a'])} (A's layer blobs) | "
-      f"{100 * b['a'] / b['size_a']:.1f} % | background fetch off |")
-    p(f"| (b) registry bytes, image B (shares A's base) | {mb(b['b'])} | {mb(b['size_b'])} "
-      f"(B's layer blobs) | {100 * b['b'] / b['size_b']:.1f} % | |")
-    p(f"| (b) registry bytes, A + B | {mb(total)} | {mb(sizes)} (two normal pulls) | "
-      f"{100 * total / sizes:.1f} % | two normal pulls into one podman storage measured: "
-      f"{mb(b['normal_shared'])} |")
-    p(f"| (b) shared base blob sent during B | {b['base_during_b']} B | {b['base_size']} B | "
-      f"{100 * b['base_during_b'] / b['base_size']:.1f} % | expected 0 |")
+    p(
+        f"| (a) second `podman run` after an als restart, registry stopped | {off:.2f} s | "
+        f"{base:.2f} s (`podman run`, normal gzip pull, local storage) | {off / base:.2f}x | "
+        f"registry bytes {a['reg_offline']} (registry stopped), store fetched "
+        f"{a['fetched']} B; layer lookups from: {srcs} |"
+    )
+    p(
+        f"| (a) cold `podman pull` + `run` (background fetch, delay 0) | {a['cold']:.2f} s | "
+        f"{a['base_cold']:.2f} s (normal gzip pull + run) | {a['cold'] / a['base_cold']:.2f}x | "
+        f"cache filled in {a['fill_seconds']:.1f} s more, {mb(a['fill_bytes'])} from the "
+        f"registry for {mb(a['size'])} of layers |"
+    )
+    p(
+        f"| (b) registry bytes, image A | {mb(b['a'])} | {mb(b['size_a'])} (A's layer blobs) | "
+        f"{100 * b['a'] / b['size_a']:.1f} % | background fetch off |"
+    )
+    p(
+        f"| (b) registry bytes, image B (shares A's base) | {mb(b['b'])} | {mb(b['size_b'])} "
+        f"(B's layer blobs) | {100 * b['b'] / b['size_b']:.1f} % | |"
+    )
+    p(
+        f"| (b) registry bytes, A + B | {mb(total)} | {mb(sizes)} (two normal pulls) | "
+        f"{100 * total / sizes:.1f} % | two normal pulls into one podman storage measured: "
+        f"{mb(b['normal_shared'])} |"
+    )
+    p(
+        f"| (b) shared base blob sent during B | {b['base_during_b']} B | {b['base_size']} B | "
+        f"{100 * b['base_during_b'] / b['base_size']:.1f} % | expected 0 |"
+    )
 
 
 def main() -> int:
@@ -358,12 +460,21 @@ def main() -> int:
     args = ap.parse_args()
     repeat = 1 if args.quick else max(1, args.repeat)
     if os.geteuid() != 0:
-        print(f"{NAME}: needs root (it mounts als with FUSE and runs podman with overlay "
-              "storage); run it as root, e.g. sudo scripts/bench cache", file=sys.stderr)
+        print(
+            f"{NAME}: needs root (it mounts als with FUSE and runs podman with overlay "
+            "storage); run it as root, e.g. sudo scripts/bench cache",
+            file=sys.stderr,
+        )
         return 2
-    missing = [what for what, ok in (("podman", PODMAN is not None),
-                                     ("docker-registry", registry_available()),
-                                     ("/dev/fuse and fusermount3", FUSE_AVAILABLE)) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("podman", PODMAN is not None),
+            ("docker-registry", registry_available()),
+            ("/dev/fuse and fusermount3", FUSE_AVAILABLE),
+        )
+        if not ok
+    ]
     if missing:
         print(f"{NAME}: needs {', '.join(missing)}; skipped", file=sys.stderr)
         return 0

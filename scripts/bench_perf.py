@@ -100,8 +100,11 @@ class Row:
 def judge(row: Row) -> Row:
     """Fill ``target``/``met`` from TARGETS; the ratio is compared, or the value where the
     target is absolute (MB/s, MB)."""
-    for key in ((row.workload, row.variant, row.metric), (row.workload, "*", row.metric),
-                ("*", "*", row.metric)):
+    for key in (
+        (row.workload, row.variant, row.metric),
+        (row.workload, "*", row.metric),
+        ("*", "*", row.metric),
+    ):
         if key in TARGETS:
             op, bound, desc = TARGETS[key]
             got = row.value if row.unit in ("MB/s", "MB") else row.ratio
@@ -112,12 +115,24 @@ def judge(row: Row) -> Row:
     return row
 
 
-def make_row(bench: str, w: str, v: str, metric: str, value: float, unit: str,
-             baseline: float | None = None, baseline_name: str = "", note: str = "",
-             **extra: Any) -> Row:
+def make_row(
+    bench: str,
+    w: str,
+    v: str,
+    metric: str,
+    value: float,
+    unit: str,
+    baseline: float | None = None,
+    baseline_name: str = "",
+    note: str = "",
+    **extra: Any,
+) -> Row:
     ratio = value / baseline if baseline else None
-    return judge(Row(bench, w, v, metric, value, unit, baseline, baseline_name, ratio,
-                     note=note, extra=extra))
+    return judge(
+        Row(
+            bench, w, v, metric, value, unit, baseline, baseline_name, ratio, note=note, extra=extra
+        )
+    )
 
 
 class Output:
@@ -149,8 +164,10 @@ def fmt_value(v: float | None, unit: str) -> str:
 
 def markdown(rows: Sequence[Row], header: str = "") -> str:
     lines = [header] if header else []
-    lines += ["| workload | variant | measurement | als | baseline | ratio | target | met |",
-              "|---|---|---|---:|---:|---:|---|---|"]
+    lines += [
+        "| workload | variant | measurement | als | baseline | ratio | target | met |",
+        "|---|---|---|---:|---:|---:|---|---|",
+    ]
     for r in rows:
         base = fmt_value(r.baseline, r.unit)
         if r.baseline_name:
@@ -158,8 +175,10 @@ def markdown(rows: Sequence[Row], header: str = "") -> str:
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
         met = "" if r.met is None else ("met" if r.met else "**missed**")
         what = r.metric + (f" ({r.note})" if r.note else "")
-        lines.append(f"| {r.workload} | {r.variant} | {what} | {fmt_value(r.value, r.unit)} | "
-                     f"{base} | {ratio} | {r.target or ''} | {met} |")
+        lines.append(
+            f"| {r.workload} | {r.variant} | {what} | {fmt_value(r.value, r.unit)} | "
+            f"{base} | {ratio} | {r.target or ''} | {met} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -242,8 +261,11 @@ def rss_mb(pid: int) -> float:
 
 def layer_bytes_sent(access: Sequence[Any], digests: Sequence[str]) -> int:
     """Bytes the registry sent for the given blobs (GET requests of the access log)."""
-    return sum(e.bytes_sent for e in access
-               if e.method == "GET" and any(f"/blobs/{d}" in e.path for d in digests))
+    return sum(
+        e.bytes_sent
+        for e in access
+        if e.method == "GET" and any(f"/blobs/{d}" in e.path for d in digests)
+    )
 
 
 class NetemUnavailable(Exception):
@@ -255,8 +277,9 @@ class LinkEmulator:
     seconds in each direction and shares ``rate_bps`` among all connections: what netem on
     ``lo`` does, for kernels without netem. Listens on 127.0.0.1:<free port>."""
 
-    def __init__(self, upstream: tuple[str, int], delay: float = 0.020,
-                 rate_bps: float = 200e6) -> None:
+    def __init__(
+        self, upstream: tuple[str, int], delay: float = 0.020, rate_bps: float = 200e6
+    ) -> None:
         self.upstream, self.delay, self.rate = upstream, delay, rate_bps
         self._lock = threading.Lock()
         self._free_at = 0.0
@@ -363,12 +386,61 @@ class Netem:
         port = str(self.port)
         return [
             ["qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio", "bands", "4"],
-            ["qdisc", "add", "dev", "lo", "parent", "1:4", "handle", "40:", "netem", "delay",
-             f"{self.delay_ms}ms", "rate", self.rate],
-            ["filter", "add", "dev", "lo", "parent", "1:0", "protocol", "ip", "prio", "1", "u32",
-             "match", "ip", "sport", port, "0xffff", "flowid", "1:4"],
-            ["filter", "add", "dev", "lo", "parent", "1:0", "protocol", "ip", "prio", "1", "u32",
-             "match", "ip", "dport", port, "0xffff", "flowid", "1:4"],
+            [
+                "qdisc",
+                "add",
+                "dev",
+                "lo",
+                "parent",
+                "1:4",
+                "handle",
+                "40:",
+                "netem",
+                "delay",
+                f"{self.delay_ms}ms",
+                "rate",
+                self.rate,
+            ],
+            [
+                "filter",
+                "add",
+                "dev",
+                "lo",
+                "parent",
+                "1:0",
+                "protocol",
+                "ip",
+                "prio",
+                "1",
+                "u32",
+                "match",
+                "ip",
+                "sport",
+                port,
+                "0xffff",
+                "flowid",
+                "1:4",
+            ],
+            [
+                "filter",
+                "add",
+                "dev",
+                "lo",
+                "parent",
+                "1:0",
+                "protocol",
+                "ip",
+                "prio",
+                "1",
+                "u32",
+                "match",
+                "ip",
+                "dport",
+                port,
+                "0xffff",
+                "flowid",
+                "1:4",
+            ],
         ]
 
     def __enter__(self) -> Netem:
@@ -428,9 +500,10 @@ class Env:
 
         root = self.fresh("als")
         cfg = self.work / f"{root.name}.toml"
-        cfg.write_text(f"background_fetch = {str(background).lower()}\nlog_level = \"info\"\n")
-        m = ProcessMount(root, "--config", str(cfg), "--registries-conf", str(self.conf),
-                         "--log-level", "info")
+        cfg.write_text(f'background_fetch = {str(background).lower()}\nlog_level = "info"\n')
+        m = ProcessMount(
+            root, "--config", str(cfg), "--registries-conf", str(self.conf), "--log-level", "info"
+        )
         self.mounts.append(m)
         try:
             return m.start()
@@ -489,8 +562,9 @@ def ref_of(env: Env, w: Workload, v: str, host: str | None = None) -> str:
 # --- 1, 2: lazy start -------------------------------------------------------------------------
 
 
-def pull_run(env: Env, w: Workload, v: str, pool: Path | None, host: str | None = None
-             ) -> tuple[float, int, int]:
+def pull_run(
+    env: Env, w: Workload, v: str, pool: Path | None, host: str | None = None
+) -> tuple[float, int, int]:
     """Cold pull + run in a fresh podman storage: (seconds, layer-blob bytes, all bytes)."""
     pm = env.podman(pool)
     ref = ref_of(env, w, v, host)
@@ -511,8 +585,9 @@ def pull_run(env: Env, w: Workload, v: str, pool: Path | None, host: str | None 
         env.drop_podman(pm)
 
 
-def retry(out: Output, fn: Callable[[], tuple[float, int, int]], attempts: int = 3
-          ) -> tuple[float, int, int]:
+def retry(
+    out: Output, fn: Callable[[], tuple[float, int, int]], attempts: int = 3
+) -> tuple[float, int, int]:
     """``fn()``, measured again (from scratch) when podman or als-mount fails to start: podman
     4.3 sometimes loses a ``run --rm`` container's exit code under load; such a run says
     nothing about als. Every failure is reported on stderr."""
@@ -526,8 +601,15 @@ def retry(out: Output, fn: Callable[[], tuple[float, int, int]], attempts: int =
     raise AssertionError("unreachable")
 
 
-def bench_lazy(env: Env, w: Workload, repeat: int, out: Output, bench: str,
-               host: str | None = None, link: str = "loopback") -> None:
+def bench_lazy(
+    env: Env,
+    w: Workload,
+    repeat: int,
+    out: Output,
+    bench: str,
+    host: str | None = None,
+    link: str = "loopback",
+) -> None:
     base_t: list[float] = []
     lazy: dict[tuple[str, bool], list[tuple[float, int, int]]] = {}
     base_bytes = 0
@@ -548,20 +630,53 @@ def bench_lazy(env: Env, w: Workload, repeat: int, out: Output, bench: str,
 
                 lazy.setdefault((v, bg), []).append(retry(out, once))
     b = median(base_t)
-    out.add(make_row(bench, w.name, "gzip", "baseline.seconds", b, "s",
-                     note="normal pull + run, no als", runs=base_t,
-                     registry_bytes=base_bytes, link=link))
+    out.add(
+        make_row(
+            bench,
+            w.name,
+            "gzip",
+            "baseline.seconds",
+            b,
+            "s",
+            note="normal pull + run, no als",
+            runs=base_t,
+            registry_bytes=base_bytes,
+            link=link,
+        )
+    )
     for (v, bg), runs in lazy.items():
         mode = "bg_on" if bg else "bg_off"
         secs = [r[0] for r in runs]
-        out.add(make_row(bench, w.name, v, f"lazy.{mode}.seconds", median(secs), "s", b,
-                         "gzip pull + run", note=f"pull + run, background fetch "
-                         f"{'on' if bg else 'off'}", runs=secs, link=link))
+        out.add(
+            make_row(
+                bench,
+                w.name,
+                v,
+                f"lazy.{mode}.seconds",
+                median(secs),
+                "s",
+                b,
+                "gzip pull + run",
+                note=f"pull + run, background fetch {'on' if bg else 'off'}",
+                runs=secs,
+                link=link,
+            )
+        )
         sent = int(median([r[1] for r in runs]))
-        out.add(make_row(bench, w.name, v, f"lazy.{mode}.registry_bytes", sent, "B",
-                         w.compressed(v), "image's compressed layers",
-                         note="layer blobs sent during pull + run",
-                         all_requests_bytes=int(median([r[2] for r in runs]))))
+        out.add(
+            make_row(
+                bench,
+                w.name,
+                v,
+                f"lazy.{mode}.registry_bytes",
+                sent,
+                "B",
+                w.compressed(v),
+                "image's compressed layers",
+                note="layer blobs sent during pull + run",
+                all_requests_bytes=int(median([r[2] for r in runs])),
+            )
+        )
 
 
 # --- 3: filesystem ----------------------------------------------------------------------------
@@ -581,6 +696,7 @@ def largest_file(tar_path: Path) -> tuple[str, int]:
 
 def read_speed(path: Path, size: int, tries: int = 3) -> float:
     """Warm sequential read of one file, MB/s (best of ``tries`` after one warming read)."""
+
     def once() -> None:
         with open(path, "rb", buffering=0) as f:
             while f.read(1 << 20):
@@ -626,23 +742,26 @@ def bench_fs(env: Env, w: Workload, variants: Sequence[str], out: Output) -> Non
     entries = w.entries[idx]
     # Baseline 1: the same tree on a tmpfs.
     native = env.mount_tmpfs()
-    subprocess.run(["tar", "-xf", str(tar_path), "-C", str(native), "--numeric-owner"],
-                   check=True)
+    subprocess.run(["tar", "-xf", str(tar_path), "-C", str(native), "--numeric-owner"], check=True)
     out.say(f"fs {w.name}: layer {idx} ({entries} entries), tmpfs baseline ...")
     nat = fs_on(native, big, big_size, None)
     # Baseline 2: download the gzip blob, decompress, unpack into a tmpfs.
     dl_dir = env.mount_tmpfs()
     gz = w.layers["gzip"][idx]
     url = f"{env.reg.url}/v2/bench/{w.name}/blobs/{gz.digest}"
-    download = min(sh(f"curl -sf --noproxy '*' '{url}' | gzip -dc | tar -x --numeric-owner "
-                      f"-C {dl_dir} && rm -rf {dl_dir}/* {dl_dir}/.[!.]*") for _ in range(2))
+    download = min(
+        sh(
+            f"curl -sf --noproxy '*' '{url}' | gzip -dc | tar -x --numeric-owner "
+            f"-C {dl_dir} && rm -rf {dl_dir}/* {dl_dir}/.[!.]*"
+        )
+        for _ in range(2)
+    )
     for v in variants:
         layer = w.layers[v][idx]
         ref = ref_of(env, w, v)
         mounts: list[Any] = []
 
-        def fresh_tree(v: str = v, digest: str = layer.digest,
-                       mounts: list[Any] = mounts) -> Path:
+        def fresh_tree(v: str = v, digest: str = layer.digest, mounts: list[Any] = mounts) -> Path:
             while mounts:
                 env.drop_als(mounts.pop())
             als = env.als(background=False)
@@ -659,18 +778,67 @@ def bench_fs(env: Env, w: Workload, variants: Sequence[str], out: Output) -> Non
             while mounts:
                 env.drop_als(mounts.pop())
         note = f"layer {idx}, {entries} entries, {w.tar_sizes[idx] / MB:.0f} MB"
-        out.add(make_row("fs", w.name, v, "fs.layer_lookup.seconds", t.lookup, "s",
-                         note="first access to the layer's diff: manifest + TOC", ref=ref))
-        out.add(make_row("fs", w.name, v, "fs.walk_cold.seconds", t.walk_cold, "s",
-                         nat.walk_cold, "tmpfs", note=note))
-        out.add(make_row("fs", w.name, v, "fs.walk_warm.seconds", t.walk_warm, "s",
-                         nat.walk_warm, "tmpfs"))
-        out.add(make_row("fs", w.name, v, "fs.read_cold.seconds", t.read_cold, "s",
-                         download, "curl | gzip -dc | tar -x", tmpfs=nat.read_cold))
-        out.add(make_row("fs", w.name, v, "fs.read_warm.seconds", t.read_warm, "s",
-                         nat.read_warm, "tmpfs"))
-        out.add(make_row("fs", w.name, v, "fs.largest_warm.throughput", t.largest, "MB/s",
-                         nat.largest, "tmpfs", note=f"{big}, {big_size / MB:.1f} MB"))
+        out.add(
+            make_row(
+                "fs",
+                w.name,
+                v,
+                "fs.layer_lookup.seconds",
+                t.lookup,
+                "s",
+                note="first access to the layer's diff: manifest + TOC",
+                ref=ref,
+            )
+        )
+        out.add(
+            make_row(
+                "fs",
+                w.name,
+                v,
+                "fs.walk_cold.seconds",
+                t.walk_cold,
+                "s",
+                nat.walk_cold,
+                "tmpfs",
+                note=note,
+            )
+        )
+        out.add(
+            make_row(
+                "fs", w.name, v, "fs.walk_warm.seconds", t.walk_warm, "s", nat.walk_warm, "tmpfs"
+            )
+        )
+        out.add(
+            make_row(
+                "fs",
+                w.name,
+                v,
+                "fs.read_cold.seconds",
+                t.read_cold,
+                "s",
+                download,
+                "curl | gzip -dc | tar -x",
+                tmpfs=nat.read_cold,
+            )
+        )
+        out.add(
+            make_row(
+                "fs", w.name, v, "fs.read_warm.seconds", t.read_warm, "s", nat.read_warm, "tmpfs"
+            )
+        )
+        out.add(
+            make_row(
+                "fs",
+                w.name,
+                v,
+                "fs.largest_warm.throughput",
+                t.largest,
+                "MB/s",
+                nat.largest,
+                "tmpfs",
+                note=f"{big}, {big_size / MB:.1f} MB",
+            )
+        )
 
 
 # --- 4: memory --------------------------------------------------------------------------------
@@ -693,14 +861,50 @@ def bench_memory(env: Env, w: Workload, variant: str, out: Output) -> None:
     finally:
         env.drop_als(als)
     n = sum(w.entries)
-    out.add(make_row("memory", w.name, variant, "memory.rss_idle", idle, "MB",
-                     note="als-mount, mounted, no layer"))
-    out.add(make_row("memory", w.name, variant, "memory.rss_walked", walked, "MB",
-                     note=f"every layer looked up and walked, {n} entries"))
-    out.add(make_row("memory", w.name, variant, "memory.rss_read", read, "MB",
-                     note="after reading every file (memory cache included)"))
-    out.add(make_row("memory", w.name, variant, "memory.per_10k_entries",
-                     (walked - idle) / n * 10_000, "MB", note="(walked - idle) per 10,000"))
+    out.add(
+        make_row(
+            "memory",
+            w.name,
+            variant,
+            "memory.rss_idle",
+            idle,
+            "MB",
+            note="als-mount, mounted, no layer",
+        )
+    )
+    out.add(
+        make_row(
+            "memory",
+            w.name,
+            variant,
+            "memory.rss_walked",
+            walked,
+            "MB",
+            note=f"every layer looked up and walked, {n} entries",
+        )
+    )
+    out.add(
+        make_row(
+            "memory",
+            w.name,
+            variant,
+            "memory.rss_read",
+            read,
+            "MB",
+            note="after reading every file (memory cache included)",
+        )
+    )
+    out.add(
+        make_row(
+            "memory",
+            w.name,
+            variant,
+            "memory.per_10k_entries",
+            (walked - idle) / n * 10_000,
+            "MB",
+            note="(walked - idle) per 10,000",
+        )
+    )
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -716,32 +920,52 @@ def machine() -> dict[str, Any]:
     mem = 0
     with contextlib.suppress(OSError):
         mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
-    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem / 2**30, 1),
-            "kernel": platform.release(), "python": platform.python_version()}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="small workload only, one repetition, eStargz only in fs/memory")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="small workload only, one repetition, eStargz only in fs/memory",
+    )
     ap.add_argument("--repeat", type=int, default=3, help="cold pull+run repetitions (median)")
     ap.add_argument("--workloads", default=None, help="comma list: small,large")
-    ap.add_argument("--only", default="lazy,fs,memory",
-                    help="comma list of lazy, fs, memory (netem comes with --netem)")
-    ap.add_argument("--netem", action="store_true",
-                    help="also the lazy comparison with 20 ms / 200 Mbit/s on the registry port")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="directory for results.jsonl, results.md, lazy-start.png")
+    ap.add_argument(
+        "--only",
+        default="lazy,fs,memory",
+        help="comma list of lazy, fs, memory (netem comes with --netem)",
+    )
+    ap.add_argument(
+        "--netem",
+        action="store_true",
+        help="also the lazy comparison with 20 ms / 200 Mbit/s on the registry port",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for results.jsonl, results.md, lazy-start.png",
+    )
     ap.add_argument("--json-only", action="store_true", help="no progress or table on stderr")
     args = ap.parse_args(argv)
     if args.quick:
         args.repeat = 1
     args.repeat = max(1, args.repeat)
-    args.workloads = [x for x in (args.workloads or ("small" if args.quick else "small,large")
-                                  ).split(",") if x]
+    args.workloads = [
+        x for x in (args.workloads or ("small" if args.quick else "small,large")).split(",") if x
+    ]
     args.only = [x for x in args.only.split(",") if x]
-    bad = [x for x in args.workloads if x not in ("small", "large")] + \
-          [x for x in args.only if x not in ("lazy", "fs", "memory")]
+    bad = [x for x in args.workloads if x not in ("small", "large")] + [
+        x for x in args.only if x not in ("lazy", "fs", "memory")
+    ]
     if bad:
         ap.error(f"unknown workload or part: {', '.join(bad)}")
     if args.out is None:
@@ -754,17 +978,25 @@ def check_tools() -> list[str]:
     from tests.support.podman import PODMAN
     from tests.support.registry import registry_available
 
-    return [what for what, ok in (("podman", PODMAN is not None),
-                                  ("docker-registry", registry_available()),
-                                  ("/dev/fuse and fusermount3", FUSE_AVAILABLE),
-                                  ("curl", shutil.which("curl") is not None)) if not ok]
+    return [
+        what
+        for what, ok in (
+            ("podman", PODMAN is not None),
+            ("docker-registry", registry_available()),
+            ("/dev/fuse and fusermount3", FUSE_AVAILABLE),
+            ("curl", shutil.which("curl") is not None),
+        )
+        if not ok
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
-        print(f"{NAME}: needs root (FUSE mounts, podman overlay storage, tmpfs mounts)",
-              file=sys.stderr)
+        print(
+            f"{NAME}: needs root (FUSE mounts, podman overlay storage, tmpfs mounts)",
+            file=sys.stderr,
+        )
         return 2
     missing = check_tools()
     if missing:
@@ -783,11 +1015,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = Env(work)
         for w in workloads:
             push_all(env, w)
-            out.add(make_row("workload", w.name, "gzip", "workload.size", w.uncompressed, "B",
-                             note=f"{len(w.tar_sizes)} layers, {sum(w.entries)} entries "
-                             "uncompressed", layers=len(w.tar_sizes), entries=sum(w.entries),
-                             compressed={v: w.compressed(v) for v in w.layers},
-                             prioritized=len(w.prioritized), command=w.command))
+            out.add(
+                make_row(
+                    "workload",
+                    w.name,
+                    "gzip",
+                    "workload.size",
+                    w.uncompressed,
+                    "B",
+                    note=f"{len(w.tar_sizes)} layers, {sum(w.entries)} entries uncompressed",
+                    layers=len(w.tar_sizes),
+                    entries=sum(w.entries),
+                    compressed={v: w.compressed(v) for v in w.layers},
+                    prioritized=len(w.prioritized),
+                    command=w.command,
+                )
+            )
         fs_variants = ["estargz"] if args.quick else ["estargz", "zstd-chunked"]
         for w in workloads:
             if "lazy" in args.only:
@@ -812,13 +1055,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def report(out: Output, args: argparse.Namespace, elapsed: float) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     m = machine()
-    header = (f"### als benchmark ({'quick' if args.quick else 'full'}; {args.repeat} "
-              f"repetition(s); {m['cpus']} CPUs, {m['memory_gib']} GiB; {elapsed:.0f} s)\n")
+    header = (
+        f"### als benchmark ({'quick' if args.quick else 'full'}; {args.repeat} "
+        f"repetition(s); {m['cpus']} CPUs, {m['memory_gib']} GiB; {elapsed:.0f} s)\n"
+    )
     table = markdown(out.rows, header)
     (args.out / "results.md").write_text(table)
     with open(args.out / "results.jsonl", "w") as f:
-        f.write(json.dumps({"machine": m, "args": {k: str(v) for k, v in vars(args).items()}})
-                + "\n")
+        f.write(
+            json.dumps({"machine": m, "args": {k: str(v) for k, v in vars(args).items()}}) + "\n"
+        )
         for r in out.rows:
             f.write(json.dumps(r.json()) + "\n")
     drew = chart(out.rows, args.out / "lazy-start.png")
@@ -826,12 +1072,20 @@ def report(out: Output, args: argparse.Namespace, elapsed: float) -> None:
         print("\n" + table, file=sys.stderr)
         missed = [r for r in out.rows if r.met is False]
         for r in missed:
-            got = (f"{r.ratio:.2f}x" if r.unit not in ("MB", "MB/s") and r.ratio is not None
-                   else fmt_value(r.value, r.unit))
-            print(f"{NAME}: target missed: {r.workload} {r.variant} {r.metric}: {got} "
-                  f"(target {r.target})", file=sys.stderr)
-        out.say(f"wrote {args.out}/results.md, results.jsonl"
-                + (", lazy-start.png" if drew else " (no chart: matplotlib missing)"))
+            got = (
+                f"{r.ratio:.2f}x"
+                if r.unit not in ("MB", "MB/s") and r.ratio is not None
+                else fmt_value(r.value, r.unit)
+            )
+            print(
+                f"{NAME}: target missed: {r.workload} {r.variant} {r.metric}: {got} "
+                f"(target {r.target})",
+                file=sys.stderr,
+            )
+        out.say(
+            f"wrote {args.out}/results.md, results.jsonl"
+            + (", lazy-start.png" if drew else " (no chart: matplotlib missing)")
+        )
 
 
 if __name__ == "__main__":

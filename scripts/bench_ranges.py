@@ -37,12 +37,23 @@ RANGE = 64 << 10
 
 
 def emit(metric: str, value: float, unit: str, **extra: Any) -> None:
-    print(json.dumps({"bench": "ranges", "metric": metric, "value": round(value, 3),
-                      "unit": unit, **extra}), flush=True)
+    print(
+        json.dumps(
+            {"bench": "ranges", "metric": metric, "value": round(value, 3), "unit": unit, **extra}
+        ),
+        flush=True,
+    )
 
 
-def run_mode(name: str, make_client: Callable[[], RegistryClient], ref: str, digest: str,
-             blob: bytes, ranges: list[tuple[int, int]], threads: int = 1) -> dict[str, Any]:
+def run_mode(
+    name: str,
+    make_client: Callable[[], RegistryClient],
+    ref: str,
+    digest: str,
+    blob: bytes,
+    ranges: list[tuple[int, int]],
+    threads: int = 1,
+) -> dict[str, Any]:
     with make_client() as client:
         client.fetch_ranges(ref, digest, [(0, 1)])  # ping + connection set-up, not measured
         base = client.stats.snapshot()
@@ -64,7 +75,7 @@ def run_mode(name: str, make_client: Callable[[], RegistryClient], ref: str, dig
         elapsed = time.perf_counter() - t0
         stats = client.stats.snapshot()
     for (off, n), data in zip(ranges, got, strict=True):
-        if data != blob[off:off + n]:
+        if data != blob[off : off + n]:
             raise SystemExit(f"bench_ranges: {name}: wrong bytes at {off}+{n}")
     useful = sum(n for _, n in ranges)
     return {
@@ -92,8 +103,10 @@ def main() -> int:
     rnd = random.Random(1234)
     blob = rnd.randbytes(blob_mib << 20)
     ranges = [(rnd.randrange(0, len(blob) - RANGE), RANGE) for _ in range(n)]
-    with tempfile.TemporaryDirectory(prefix="als-bench-ranges-") as tmp, \
-            RegistryServer(Path(tmp)) as reg:
+    with (
+        tempfile.TemporaryDirectory(prefix="als-bench-ranges-") as tmp,
+        RegistryServer(Path(tmp)) as reg,
+    ):
         digest = push_blob(reg, "bench/blob", blob)
         ref = f"{reg.host}/bench/blob"
         modes: list[tuple[str, Callable[[], RegistryClient], int]] = [
@@ -102,22 +115,35 @@ def main() -> int:
             ("multi", lambda: RegistryClient(multirange=True, coalesce_gap=0), 1),
             ("coalesced", lambda: RegistryClient(multirange=True, coalesce_gap=512 << 10), 1),
         ]
-        results = [run_mode(name, mk, ref, digest, blob, ranges, threads)
-                   for name, mk, threads in modes]
+        results = [
+            run_mode(name, mk, ref, digest, blob, ranges, threads) for name, mk, threads in modes
+        ]
     for r in results:
         m = r["mode"]
-        emit(f"{m}.throughput", r["throughput"], "MiB/s", ranges=n, range_bytes=RANGE,
-             blob_mib=blob_mib)
+        emit(
+            f"{m}.throughput",
+            r["throughput"],
+            "MiB/s",
+            ranges=n,
+            range_bytes=RANGE,
+            blob_mib=blob_mib,
+        )
         emit(f"{m}.seconds", r["seconds"], "s")
         emit(f"{m}.requests", r["requests"], "requests")
         emit(f"{m}.bytes_transferred", r["bytes"] / (1 << 20), "MiB")
-    print(f"\n### Range fetches over loopback: {n} x 64 KiB from a {blob_mib} MiB blob "
-          "(docker-registry 2.8)\n", file=sys.stderr)
+    print(
+        f"\n### Range fetches over loopback: {n} x 64 KiB from a {blob_mib} MiB blob "
+        "(docker-registry 2.8)\n",
+        file=sys.stderr,
+    )
     print("| mode | requests | time (s) | useful MiB/s | MiB transferred |", file=sys.stderr)
     print("|---|---:|---:|---:|---:|", file=sys.stderr)
     for r in results:
-        print(f"| {r['mode']} | {r['requests']} | {r['seconds']:.3f} | {r['throughput']:.1f} | "
-              f"{r['bytes'] / (1 << 20):.1f} |", file=sys.stderr)
+        print(
+            f"| {r['mode']} | {r['requests']} | {r['seconds']:.3f} | {r['throughput']:.1f} | "
+            f"{r['bytes'] / (1 << 20):.1f} |",
+            file=sys.stderr,
+        )
     return 0
 
 

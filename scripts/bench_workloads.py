@@ -131,8 +131,9 @@ def tar_entries(tar: bytes) -> int:
         return sum(1 for _ in tf)
 
 
-def cached_layers(d: Path, tars: Sequence[bytes], prioritized: Sequence[str],
-                  variants: Iterable[str]) -> dict[str, list[BuiltLayer]]:
+def cached_layers(
+    d: Path, tars: Sequence[bytes], prioritized: Sequence[str], variants: Iterable[str]
+) -> dict[str, list[BuiltLayer]]:
     out: dict[str, list[BuiltLayer]] = {}
     for v in variants:
         layers = []
@@ -145,15 +146,24 @@ def cached_layers(d: Path, tars: Sequence[bytes], prioritized: Sequence[str],
                 got = build_variant(v, tar, prioritized)
                 p.parent.mkdir(parents=True, exist_ok=True)
                 save_layer(got, p)
-                note(f"{d.name}: {v} layer {i}: {got.size / 1e6:.1f} MB in "
-                     f"{time.monotonic() - t0:.0f} s")
+                note(
+                    f"{d.name}: {v} layer {i}: {got.size / 1e6:.1f} MB in "
+                    f"{time.monotonic() - t0:.0f} s"
+                )
             layers.append(got)
         out[v] = layers
     return out
 
 
-def _workload(name: str, d: Path, tars: list[bytes], prioritized: list[str], cmd: list[str],
-              expect: str, variants: Iterable[str]) -> Workload:
+def _workload(
+    name: str,
+    d: Path,
+    tars: list[bytes],
+    prioritized: list[str],
+    cmd: list[str],
+    expect: str,
+    variants: Iterable[str],
+) -> Workload:
     meta_p = d / "entries.json"
     if meta_p.is_file():
         entries = json.loads(meta_p.read_text())
@@ -248,12 +258,27 @@ def build_rootfs(d: Path) -> tuple[Path, Path]:
         resolv = full / "etc/resolv.conf"
         resolv.unlink(missing_ok=True)
         shutil.copyfile("/etc/resolv.conf", resolv)
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive",
-               "LANG": "C.UTF-8", "HOME": "/root"}
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "DEBIAN_FRONTEND": "noninteractive",
+            "LANG": "C.UTF-8",
+            "HOME": "/root",
+        }
         with _ProcMount(full):
             run(["chroot", str(full), "apt-get", "update", "-q"], env=env)
-            run(["chroot", str(full), "apt-get", "install", "-y", "-q",
-                 "--no-install-recommends", *LARGE_PACKAGES], env=env)
+            run(
+                [
+                    "chroot",
+                    str(full),
+                    "apt-get",
+                    "install",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                    *LARGE_PACKAGES,
+                ],
+                env=env,
+            )
             run(["chroot", str(full), "apt-get", "clean"], env=env)
         resolv.unlink()
         if (base / "etc/resolv.conf").exists():
@@ -279,9 +304,15 @@ def snapshot(root: Path) -> Snapshot:
             st = os.lstat(p)
             rel = os.path.normpath(os.path.join(rel_dir, n))
             link = os.readlink(p) if stat.S_ISLNK(st.st_mode) else ""
-            out[rel] = (st.st_mode, st.st_uid, st.st_gid,
-                        st.st_size if stat.S_ISREG(st.st_mode) else 0,
-                        st.st_mtime_ns if not stat.S_ISDIR(st.st_mode) else 0, st.st_rdev, link)
+            out[rel] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size if stat.S_ISREG(st.st_mode) else 0,
+                st.st_mtime_ns if not stat.S_ISDIR(st.st_mode) else 0,
+                st.st_rdev,
+                link,
+            )
     return out
 
 
@@ -297,8 +328,11 @@ def layer_diff(lower: Snapshot, upper: Snapshot) -> tuple[list[str], list[str]]:
     removed = sorted(p for p in lower if p not in upper)
     whiteouts: list[str] = []
     for p in removed:
-        if any(p.startswith(w + "/") for w in removed if w != p and w in lower
-               and stat.S_ISDIR(lower[w][0])):
+        if any(
+            p.startswith(w + "/")
+            for w in removed
+            if w != p and w in lower and stat.S_ISDIR(lower[w][0])
+        ):
             continue
         parent, name = os.path.split(p)
         whiteouts.append(os.path.join(parent, ".wh." + name) if parent else ".wh." + name)
@@ -336,15 +370,34 @@ def record_opens(root: Path, cmd: Sequence[str]) -> list[str]:
     """The regular files ``cmd`` opens or executes in a chroot of ``root``, in first-open order,
     as paths inside the image (symlinks resolved)."""
     log = root.parent / "strace.log"
-    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "LANG": "C.UTF-8", "HOME": "/root"}
-    run([ensure_tool("strace", "strace"), "-f", "-qq", "-e", "trace=chroot,execve,open,openat",
-         "-o", str(log), "chroot", str(root), *cmd], env=env, capture_output=True)
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": "/root",
+    }
+    run(
+        [
+            ensure_tool("strace", "strace"),
+            "-f",
+            "-qq",
+            "-e",
+            "trace=chroot,execve,open,openat",
+            "-o",
+            str(log),
+            "chroot",
+            str(root),
+            *cmd,
+        ],
+        env=env,
+        capture_output=True,
+    )
     return parse_strace(log.read_text(errors="replace"), lambda p: _resolve_in(root, p))
 
 
-_STRACE_CALL = re.compile(r'^(?:\d+\s+)?(chroot|execve|openat|open)\((?:AT_FDCWD, )?"([^"]*)".*'
-                          r"\)\s+=\s+(-?\d+)")
+_STRACE_CALL = re.compile(
+    r'^(?:\d+\s+)?(chroot|execve|openat|open)\((?:AT_FDCWD, )?"([^"]*)".*'
+    r"\)\s+=\s+(-?\d+)"
+)
 
 
 def parse_strace(text: str, resolve: Callable[[str], str | None]) -> list[str]:
@@ -425,8 +478,10 @@ def main() -> int:
         if args.workload in (name, "all"):
             w = fn(rebuild=args.rebuild)
             sizes = ", ".join(f"{v} {w.compressed(v) / 1e6:.1f} MB" for v in w.layers)
-            print(f"{w.name}: {len(w.tar_sizes)} layers, {w.uncompressed / 1e6:.1f} MB tar, "
-                  f"{sum(w.entries)} entries, {len(w.prioritized)} prioritized; {sizes}")
+            print(
+                f"{w.name}: {len(w.tar_sizes)} layers, {w.uncompressed / 1e6:.1f} MB tar, "
+                f"{sum(w.entries)} entries, {len(w.prioritized)} prioritized; {sizes}"
+            )
     return 0
 
 

@@ -126,21 +126,56 @@ def make_plan(quick: bool) -> Plan:
     perl = Path("/usr/share/perl")
     i18n = Path("/usr/share/i18n")
     if quick:
-        images = [ImageDef("py", "estargz", py, 160, 3 << 20),
-                  ImageDef("perl", "estargz-zstd", perl, 160, 3 << 20),
-                  ImageDef("i18n", "zstd-chunked", i18n, 120, 3 << 20)]
-        return Plan(True, images, [("c-py", "py"), ("c-perl", "perl"), ("c-i18n", "i18n")],
-                    read_timeout=8.0, cache_limit_mb=2, memory_cache_mb=1, phase=9.0, gap=3.0,
-                    unreachable=5.0, stall=2.0, p=0.2, warmup=6.0, drop_every=2.0,
-                    final_timeout=90.0, down=1.0)
-    images = [ImageDef("py", "estargz", py, 100_000, 64 << 20),
-              ImageDef("perl", "estargz-zstd", perl, 100_000, 64 << 20),
-              ImageDef("i18n", "zstd-chunked", i18n, 100_000, 64 << 20)]
-    return Plan(False, images, [("c-py-1", "py"), ("c-py-2", "py"), ("c-perl", "perl"),
-                                ("c-i18n-1", "i18n"), ("c-i18n-2", "i18n")],
-                read_timeout=10.0, cache_limit_mb=8, memory_cache_mb=1, phase=40.0, gap=10.0,
-                unreachable=30.0, stall=3.0, p=0.25, warmup=20.0, drop_every=3.0,
-                final_timeout=240.0, down=2.0)
+        images = [
+            ImageDef("py", "estargz", py, 160, 3 << 20),
+            ImageDef("perl", "estargz-zstd", perl, 160, 3 << 20),
+            ImageDef("i18n", "zstd-chunked", i18n, 120, 3 << 20),
+        ]
+        return Plan(
+            True,
+            images,
+            [("c-py", "py"), ("c-perl", "perl"), ("c-i18n", "i18n")],
+            read_timeout=8.0,
+            cache_limit_mb=2,
+            memory_cache_mb=1,
+            phase=9.0,
+            gap=3.0,
+            unreachable=5.0,
+            stall=2.0,
+            p=0.2,
+            warmup=6.0,
+            drop_every=2.0,
+            final_timeout=90.0,
+            down=1.0,
+        )
+    images = [
+        ImageDef("py", "estargz", py, 100_000, 64 << 20),
+        ImageDef("perl", "estargz-zstd", perl, 100_000, 64 << 20),
+        ImageDef("i18n", "zstd-chunked", i18n, 100_000, 64 << 20),
+    ]
+    return Plan(
+        False,
+        images,
+        [
+            ("c-py-1", "py"),
+            ("c-py-2", "py"),
+            ("c-perl", "perl"),
+            ("c-i18n-1", "i18n"),
+            ("c-i18n-2", "i18n"),
+        ],
+        read_timeout=10.0,
+        cache_limit_mb=8,
+        memory_cache_mb=1,
+        phase=40.0,
+        gap=10.0,
+        unreachable=30.0,
+        stall=3.0,
+        p=0.25,
+        warmup=20.0,
+        drop_every=3.0,
+        final_timeout=240.0,
+        down=2.0,
+    )
 
 
 # ---- images ----------------------------------------------------------------------------------
@@ -162,8 +197,7 @@ def collect(defn: ImageDef) -> dict[str, bytes]:
     files: list[Path] = []
     if defn.source.is_dir():
         for p in sorted(defn.source.rglob("*")):
-            if ("__pycache__" in p.parts or "site-packages" in p.parts
-                    or "dist-packages" in p.parts):
+            if "__pycache__" in p.parts or "site-packages" in p.parts or "dist-packages" in p.parts:
                 continue
             if p.is_file() and not p.is_symlink() and SAFE_NAME.match(str(p)):
                 files.append(p)
@@ -185,8 +219,10 @@ def collect(defn: ImageDef) -> dict[str, bytes]:
         rnd = random.Random(defn.name)
         n = min(defn.max_files, 300)
         size = max(1, defn.max_bytes // n)
-        out = {f"opt/{defn.name}/f{i:04d}.txt": rnd.randbytes(rnd.randrange(1, 2 * size))
-               for i in range(n)}
+        out = {
+            f"opt/{defn.name}/f{i:04d}.txt": rnd.randbytes(rnd.randrange(1, 2 * size))
+            for i in range(n)
+        }
     return out
 
 
@@ -209,15 +245,18 @@ def build_images(plan: Plan, reg: RegistryServer, pull_host: str) -> list[Image]
     images = []
     for d in plan.images:
         files = collect(d)
-        app: dict[str, bytes | FileSpec] = {k: FileSpec(content=v, mode=0o644)
-                                            for k, v in files.items()}
+        app: dict[str, bytes | FileSpec] = {
+            k: FileSpec(content=v, mode=0o644) for k, v in files.items()
+        }
         layers = [build_layer(d.fmt, base), build_layer(d.fmt, app)]
         push_image(reg, f"chaos/{d.name}", "1", layers)
         sums = {"/" + k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
         images.append(Image(d.name, d.fmt, f"{pull_host}/chaos/{d.name}:1", layers, sums))
-        note(f"image {d.name}: {d.fmt}, {len(files)} files, "
-             f"{sum(len(v) for v in files.values()) / 1e6:.1f} MB of files, layers "
-             f"{' + '.join(f'{x.size / 1e6:.2f} MB' for x in layers)}")
+        note(
+            f"image {d.name}: {d.fmt}, {len(files)} files, "
+            f"{sum(len(v) for v in files.values()) / 1e6:.1f} MB of files, layers "
+            f"{' + '.join(f'{x.size / 1e6:.2f} MB' for x in layers)}"
+        )
     return images
 
 
@@ -304,15 +343,24 @@ class Collector:
             fields = text.split(" ", 2)
             if len(fields) == 3 and fields[2] in self.sums:
                 good = self.sums[fields[2]] == fields[1]
-                self.reads.append(Read(t, self.name, fields[2], good, wrong=not good,
-                                       error="" if good else f"got sha256 {fields[1]}"))
+                self.reads.append(
+                    Read(
+                        t,
+                        self.name,
+                        fields[2],
+                        good,
+                        wrong=not good,
+                        error="" if good else f"got sha256 {fields[1]}",
+                    )
+                )
                 return
         elif text.startswith("E "):
             fields = text.split(" ", 2)
             if len(fields) >= 2 and fields[1] in self.sums:
                 err = fields[2] if len(fields) > 2 else ""
-                self.reads.append(Read(t, self.name, fields[1], False, error=err,
-                                       errno=classify_errno(err)))
+                self.reads.append(
+                    Read(t, self.name, fields[1], False, error=err, errno=classify_errno(err))
+                )
                 return
         elif text[:2] in ("R ", "D ") and text[2:].isdigit():
             self.rounds.append((text[0], t, int(text[2:])))
@@ -329,7 +377,8 @@ class Collector:
             elif kind == "D" and start is not None:
                 window = [r for r in self.reads if start <= r.t <= t]
                 if {r.path for r in window if r.ok} >= set(self.sums) and not any(
-                        not r.ok for r in window):
+                    not r.ok for r in window
+                ):
                     return t
                 start = None
         return None
@@ -403,8 +452,10 @@ class Run:
         out.als_up = time.time()
         self.restart_containers(out)
         out.containers_up = time.time()
-        note(f"als-mount back after {out.als_up - out.kill:.1f} s, containers restarted after "
-             f"{out.containers_up - out.kill:.1f} s")
+        note(
+            f"als-mount back after {out.als_up - out.kill:.1f} s, containers restarted after "
+            f"{out.containers_up - out.kill:.1f} s"
+        )
 
     def restart_containers(self, out: Outage) -> None:
         """What a supervisor does after an als-mount crash: stop every container, then start
@@ -428,13 +479,15 @@ class Run:
                     self.pm("rm", "-f", "-t", "0", name, timeout=120, check=False)
                     r = self.pm("run", "-d", *self.run_args[name], timeout=120, check=False)
                     out.recreated.append(name)
-                state = self.pm("inspect", "--format", "{{.State.Status}}", name,
-                                check=False).stdout.strip()
+                state = self.pm(
+                    "inspect", "--format", "{{.State.Status}}", name, check=False
+                ).stdout.strip()
                 if state == "running":
                     out.start_attempts[name] = attempt
                     break
-                out.start_errors.append(f"{name} attempt {attempt}: {state}: "
-                                        f"{r.stderr.strip()[-200:]}")
+                out.start_errors.append(
+                    f"{name} attempt {attempt}: {state}: {r.stderr.strip()[-200:]}"
+                )
                 time.sleep(1.0)
             else:
                 out.start_attempts[name] = -1
@@ -469,8 +522,13 @@ def pull_lazily(run: Run) -> dict[str, Any]:
     pull moved only a part of the layer blobs."""
     assert run.pm is not None
     pm = run.pm
-    checks: dict[str, Any] = {"layers": 0, "lazy": 0, "blob_bytes": 0, "pull_bytes": 0,
-                              "details": []}
+    checks: dict[str, Any] = {
+        "layers": 0,
+        "lazy": 0,
+        "blob_bytes": 0,
+        "pull_bytes": 0,
+        "details": [],
+    }
     for img in run.images:
         mark = run.proxy.request_count
         t0 = time.monotonic()
@@ -479,17 +537,22 @@ def pull_lazily(run: Run) -> dict[str, Any]:
         recs = run.proxy.requests_for("")[mark:]
         log = run.als_log()
         for layer in img.layers:
-            sent = sum(r.bytes_sent for r in recs if layer.digest in r.path
-                       and r.method == "GET")
+            sent = sum(r.bytes_sent for r in recs if layer.digest in r.path and r.method == "GET")
             ready = re.search(rf"layer-ready ref=\S+ digest={layer.digest} .*lazy=true", log)
             lazy = ready is not None and sent < layer.size
             checks["layers"] += 1
             checks["lazy"] += lazy
             checks["blob_bytes"] += layer.size
             checks["pull_bytes"] += sent
-            checks["details"].append({"image": img.name, "digest": layer.digest,
-                                      "size": layer.size, "sent_during_pull": sent,
-                                      "layer_ready_lazy": ready is not None})
+            checks["details"].append(
+                {
+                    "image": img.name,
+                    "digest": layer.digest,
+                    "size": layer.size,
+                    "sent_during_pull": sent,
+                    "layer_ready_lazy": ready is not None,
+                }
+            )
         note(f"pulled {img.ref} in {took:.1f} s")
     checks["als_layers_in_podman"] = len(pm.layer_diff_links())
     return checks
@@ -504,30 +567,51 @@ def phases(run: Run) -> list[Phase]:
         return Phase(f"quiet-{i}", plan.gap)
 
     seq = [
-        Phase("reset-mid-body", n, [Fault("reset", BLOB, times=None, probability=p,
-                                          random_offset=True)]),
-        Phase("http-5xx-429+kill-1", n + 4, [
-            Fault("status", BLOB, times=None, status=500, probability=p / 2),
-            Fault("status", BLOB, times=None, status=503, probability=p / 2),
-            Fault("status", BLOB, times=None, status=429, retry_after="1",
-                  probability=p / 2)], action=run.kill_and_recover),
+        Phase(
+            "reset-mid-body",
+            n,
+            [Fault("reset", BLOB, times=None, probability=p, random_offset=True)],
+        ),
+        Phase(
+            "http-5xx-429+kill-1",
+            n + 4,
+            [
+                Fault("status", BLOB, times=None, status=500, probability=p / 2),
+                Fault("status", BLOB, times=None, status=503, probability=p / 2),
+                Fault("status", BLOB, times=None, status=429, retry_after="1", probability=p / 2),
+            ],
+            action=run.kill_and_recover,
+        ),
         Phase("stall", n, [Fault("stall", BLOB, times=None, delay=plan.stall, probability=p)]),
-        Phase("truncate", n, [Fault("truncate", BLOB, times=None, probability=p,
-                                    random_offset=True)]),
-        Phase("corrupt", n, [Fault("corrupt", BLOB, times=None, probability=p,
-                                   random_offset=True)]),
+        Phase(
+            "truncate", n, [Fault("truncate", BLOB, times=None, probability=p, random_offset=True)]
+        ),
+        Phase(
+            "corrupt", n, [Fault("corrupt", BLOB, times=None, probability=p, random_offset=True)]
+        ),
         Phase("unreachable", plan.unreachable, unreachable=True),
-        Phase("drop+kill-2", n + 4, [Fault("drop", BLOB, times=None, probability=p)],
-              action=run.kill_and_recover),
+        Phase(
+            "drop+kill-2",
+            n + 4,
+            [Fault("drop", BLOB, times=None, probability=p)],
+            action=run.kill_and_recover,
+        ),
     ]
     if not plan.quick:
-        seq.append(Phase("mixed", 1.5 * n, [
-            Fault("reset", BLOB, times=None, probability=p / 4, random_offset=True),
-            Fault("status", BLOB, times=None, status=503, probability=p / 4),
-            Fault("stall", BLOB, times=None, delay=plan.stall, probability=p / 4),
-            Fault("truncate", BLOB, times=None, probability=p / 4, random_offset=True),
-            Fault("corrupt", BLOB, times=None, probability=p / 4, random_offset=True),
-            Fault("drop", BLOB, times=None, probability=p / 4)]))
+        seq.append(
+            Phase(
+                "mixed",
+                1.5 * n,
+                [
+                    Fault("reset", BLOB, times=None, probability=p / 4, random_offset=True),
+                    Fault("status", BLOB, times=None, status=503, probability=p / 4),
+                    Fault("stall", BLOB, times=None, delay=plan.stall, probability=p / 4),
+                    Fault("truncate", BLOB, times=None, probability=p / 4, random_offset=True),
+                    Fault("corrupt", BLOB, times=None, probability=p / 4, random_offset=True),
+                    Fault("drop", BLOB, times=None, probability=p / 4),
+                ],
+            )
+        )
     out: list[Phase] = []
     for i, ph in enumerate(seq):
         out += [ph, quiet(i + 1)]
@@ -536,8 +620,10 @@ def phases(run: Run) -> list[Phase]:
 
 # Phases whose fault answers every request it matches: data is truly unavailable meanwhile.
 def blocks_everything(ph: Phase) -> bool:
-    return ph.unreachable or any(f.probability >= 1.0 and f.kind in (
-        "status", "drop", "reset", "truncate", "corrupt") for f in ph.faults)
+    return ph.unreachable or any(
+        f.probability >= 1.0 and f.kind in ("status", "drop", "reset", "truncate", "corrupt")
+        for f in ph.faults
+    )
 
 
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -557,8 +643,7 @@ def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
     plan = run.plan
     reach = plan.read_timeout + 5.0
     log = run.als_log()
-    gave_up = [(t, line) for t, line in log_events(log, "read-failed")
-               if "giving up after" in line]
+    gave_up = [(t, line) for t, line in log_events(log, "read-failed") if "giving up after" in line]
     reads = [r for c in run.collectors.values() for r in c.reads]
     reads.sort(key=lambda r: r.t)
     images = {i.name: i for i in run.images}
@@ -570,26 +655,33 @@ def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
         if r.wrong:
             r.verdict = "wrong"
             continue
-        down = next((o for o in run.outages if o.kill - 0.5 <= r.t <= o.containers_up + 2.0),
-                    None)
+        down = next((o for o in run.outages if o.kill - 0.5 <= r.t <= o.containers_up + 2.0), None)
         if down is not None:
             r.verdict, r.why = "unavailable", "als-mount was down (killed)"
             continue
         if r.errno == "EIO":
-            blocking = [ph.name for ph in done if blocks_everything(ph)
-                        and ph.active_at(r.t, after=reach)]
+            blocking = [
+                ph.name for ph in done if blocks_everything(ph) and ph.active_at(r.t, after=reach)
+            ]
             if blocking:
                 r.verdict, r.why = "explained", f"registry unavailable: {blocking[0]}"
                 continue
-            given = [line for t, line in gave_up if r.t - reach <= t <= r.t + 2.0
-                     and any(d in line for d in layers_of.get(r.container, set()))]
+            given = [
+                line
+                for t, line in gave_up
+                if r.t - reach <= t <= r.t + 2.0
+                and any(d in line for d in layers_of.get(r.container, set()))
+            ]
             if given:
                 r.verdict = "explained"
                 r.why = "store retried until its deadline: " + given[-1].split(": ", 1)[-1][:300]
                 continue
             digests = layers_of.get(r.container, set())
-            near = [line for t, line in log_events(log, "-failed")
-                    if r.t - reach <= t <= r.t + 2.0 and any(d in line for d in digests)]
+            near = [
+                line
+                for t, line in log_events(log, "-failed")
+                if r.t - reach <= t <= r.t + 2.0 and any(d in line for d in digests)
+            ]
             r.why = near[-1].split(": ", 1)[-1][:300] if near else "no store log line"
         r.verdict = "unexplained"
 
@@ -601,8 +693,15 @@ def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
 
     by_phase: dict[str, dict[str, Any]] = {}
     for ph in [Phase("warm-up", 0), *done, Phase("final", 0)]:
-        by_phase[ph.name] = {"attempted": 0, "correct": 0, "eio": 0, "unavailable": 0,
-                             "unexplained": 0, "wrong": 0, "fault_hits": ph.hits}
+        by_phase[ph.name] = {
+            "attempted": 0,
+            "correct": 0,
+            "eio": 0,
+            "unavailable": 0,
+            "unexplained": 0,
+            "wrong": 0,
+            "fault_hits": ph.hits,
+        }
     for r in reads:
         b = by_phase[phase_of(r.t)]
         b["attempted"] += 1
@@ -621,33 +720,44 @@ def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
             firsts.append(None if t is None else t - (ph.ended or 0))
         fails = [r for r in reads if not r.ok and ph.active_at(r.t)]
         last_fail = max((r.t for r in fails), default=None)
-        by_phase[ph.name]["recover_seconds"] = (None if None in firsts
-                                                else round(max(f or 0.0 for f in firsts), 2))
+        by_phase[ph.name]["recover_seconds"] = (
+            None if None in firsts else round(max(f or 0.0 for f in firsts), 2)
+        )
         by_phase[ph.name]["failed_reads"] = len(fails)
         by_phase[ph.name]["last_failure_after_end"] = (
-            None if last_fail is None else round(last_fail - (ph.ended or 0), 2))
+            None if last_fail is None else round(last_fail - (ph.ended or 0), 2)
+        )
     restarts = []
     for o in run.outages:
         after: dict[str, float | None] = {}
         for name, c in run.collectors.items():
             t = next((r.t for r in c.reads if r.ok and r.t >= o.containers_up), None)
             after[name] = None if t is None else round(t - o.kill, 2)
-        restarts.append({"start_attempts": o.start_attempts, "recreated": o.recreated,
-                         "start_errors": o.start_errors[:6],
-                         "killed_process_gone_s": round(o.exited - o.kill, 2),
-                         "als_back_s": round(o.als_up - o.kill, 2),
-                         "containers_restarted_s": round(o.containers_up - o.kill, 2),
-                         "first_correct_read_s": after,
-                         "recover_seconds": None if None in after.values() else max(
-                             v for v in after.values() if v is not None)})
+        restarts.append(
+            {
+                "start_attempts": o.start_attempts,
+                "recreated": o.recreated,
+                "start_errors": o.start_errors[:6],
+                "killed_process_gone_s": round(o.exited - o.kill, 2),
+                "als_back_s": round(o.als_up - o.kill, 2),
+                "containers_restarted_s": round(o.containers_up - o.kill, 2),
+                "first_correct_read_s": after,
+                "recover_seconds": None
+                if None in after.values()
+                else max(v for v in after.values() if v is not None),
+            }
+        )
     count: dict[str, int] = {}
     for r in reads:
         count[r.verdict] = count.get(r.verdict, 0) + 1
     final = {}
     for name, c in run.collectors.items():
         t = c.clean_round_after(final_start)
-        final[name] = {"pass": t is not None, "files": len(c.sums),
-                       "seconds": None if t is None else round(t - final_start, 2)}
+        final[name] = {
+            "pass": t is not None,
+            "files": len(c.sums),
+            "seconds": None if t is None else round(t - final_start, 2),
+        }
     tracebacks = log.count("Traceback")
     internal = len(re.findall(r"internal error", log, re.IGNORECASE))
     proc = run.mount.proc if run.mount else None
@@ -661,35 +771,68 @@ def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
         if rec.fault:
             hits[rec.fault] = hits.get(rec.fault, 0) + 1
     proxy_requests = len(records)
-    examples = [{"t": round(r.t, 3), "container": r.container, "path": r.path,
-                 "error": r.error, "why": r.why}
-                for r in reads if r.verdict in ("wrong", "unexplained")][:20]
+    examples = [
+        {
+            "t": round(r.t, 3),
+            "container": r.container,
+            "path": r.path,
+            "error": r.error,
+            "why": r.why,
+        }
+        for r in reads
+        if r.verdict in ("wrong", "unexplained")
+    ][:20]
     return {
         "variant": "quick" if plan.quick else "full",
-        "images": [{"name": i.name, "format": i.fmt, "files": len(i.sums),
-                    "layer_bytes": [x.size for x in i.layers]} for i in run.images],
+        "images": [
+            {
+                "name": i.name,
+                "format": i.fmt,
+                "files": len(i.sums),
+                "layer_bytes": [x.size for x in i.layers],
+            }
+            for i in run.images
+        ],
         "containers": len(run.collectors),
-        "settings": {"read_timeout_s": plan.read_timeout, "cache_limit_mb": plan.cache_limit_mb,
-                     "memory_cache_mb": plan.memory_cache_mb, "fault_probability": plan.p,
-                     "unreachable_s": plan.unreachable, "stall_s": plan.stall,
-                     "page_cache_drops": run.drops, "page_cache_drop_error": run.drop_error},
-        "reads": {"attempted": len(reads), "correct": count.get("correct", 0),
-                  "wrong": count.get("wrong", 0),
-                  "eio_explained": count.get("explained", 0),
-                  "eio_unexplained": sum(1 for r in reads if r.verdict == "unexplained"
-                                         and r.errno == "EIO"),
-                  "other_unexplained": sum(1 for r in reads if r.verdict == "unexplained"
-                                           and r.errno != "EIO"),
-                  "unavailable_als_down": count.get("unavailable", 0)},
+        "settings": {
+            "read_timeout_s": plan.read_timeout,
+            "cache_limit_mb": plan.cache_limit_mb,
+            "memory_cache_mb": plan.memory_cache_mb,
+            "fault_probability": plan.p,
+            "unreachable_s": plan.unreachable,
+            "stall_s": plan.stall,
+            "page_cache_drops": run.drops,
+            "page_cache_drop_error": run.drop_error,
+        },
+        "reads": {
+            "attempted": len(reads),
+            "correct": count.get("correct", 0),
+            "wrong": count.get("wrong", 0),
+            "eio_explained": count.get("explained", 0),
+            "eio_unexplained": sum(
+                1 for r in reads if r.verdict == "unexplained" and r.errno == "EIO"
+            ),
+            "other_unexplained": sum(
+                1 for r in reads if r.verdict == "unexplained" and r.errno != "EIO"
+            ),
+            "unavailable_als_down": count.get("unavailable", 0),
+        },
         "phases": by_phase,
         "als_restarts": restarts,
-        "daemon": {"lives": lives, "induced_kills": len(run.outages),
-                   "exit_codes_of_killed": run.exits, "alive_at_end": alive,
-                   "tracebacks": tracebacks, "internal_errors": internal,
-                   "unplanned_crashes": unplanned},
-        "cache": {"evictions": evictions,
-                  "cache_limit_lines": len(log_events(log, "cache-limit")),
-                  "layer_complete_lines": len(log_events(log, "layer-complete"))},
+        "daemon": {
+            "lives": lives,
+            "induced_kills": len(run.outages),
+            "exit_codes_of_killed": run.exits,
+            "alive_at_end": alive,
+            "tracebacks": tracebacks,
+            "internal_errors": internal,
+            "unplanned_crashes": unplanned,
+        },
+        "cache": {
+            "evictions": evictions,
+            "cache_limit_lines": len(log_events(log, "cache-limit")),
+            "layer_complete_lines": len(log_events(log, "layer-complete")),
+        },
         "proxy": {"requests": proxy_requests, "faults_applied": hits},
         "final_checksum": final,
         "problems": examples,
@@ -723,8 +866,7 @@ def verdict_lines(s: dict[str, Any], lazy: dict[str, Any]) -> tuple[list[str], b
         f"cache eviction seen: {1 - evict_bad} passed, {evict_bad} failed "
         f"({s['cache']['evictions']} evictions)",
     ]
-    ok = bad_reads == 0 and final_bad == 0 and health_fail == 0 and lazy_bad == 0 \
-        and evict_bad == 0
+    ok = bad_reads == 0 and final_bad == 0 and health_fail == 0 and lazy_bad == 0 and evict_bad == 0
     return lines, ok
 
 
@@ -734,12 +876,21 @@ def execute(plan: Plan, work: Path, seed: int) -> tuple[dict[str, Any], bool]:
     proxy = FaultProxy(reg.url, seed=seed).start()
     conf = write_registries_conf(work / "registries.conf", [reg.host, proxy.host])
     als_conf = work / "als.toml"
-    als_conf.write_text(f"cache_limit_mb = {plan.cache_limit_mb}\n"
-                        f"memory_cache_mb = {plan.memory_cache_mb}\n"
-                        f"read_timeout = {plan.read_timeout}\n"
-                        "background_delay = 1.0\n")
-    run = Run(plan, work, reg, proxy, conf, work / "als",
-              ("--registries-conf", str(conf), "--config", str(als_conf)))
+    als_conf.write_text(
+        f"cache_limit_mb = {plan.cache_limit_mb}\n"
+        f"memory_cache_mb = {plan.memory_cache_mb}\n"
+        f"read_timeout = {plan.read_timeout}\n"
+        "background_delay = 1.0\n"
+    )
+    run = Run(
+        plan,
+        work,
+        reg,
+        proxy,
+        conf,
+        work / "als",
+        ("--registries-conf", str(conf), "--config", str(als_conf)),
+    )
     threads: list[threading.Thread] = []
     try:
         note("building and pushing the images ...")
@@ -757,9 +908,19 @@ def execute(plan: Plan, work: Path, seed: int) -> tuple[dict[str, Any], bool]:
             img = by_name[iname]
             (vol / f"list-{cname}").write_text("".join(f"{p}\n" for p in img.sums))
             log_path = logs / f"{cname}.log"
-            run.run_args[cname] = ["--name", cname, *RUN_FLAGS, "--log-driver", "k8s-file",
-                                   "--log-opt", f"path={log_path}", "-v", f"{vol}:/chaos:ro",
-                                   img.ref, *container_cmd(cname)]
+            run.run_args[cname] = [
+                "--name",
+                cname,
+                *RUN_FLAGS,
+                "--log-driver",
+                "k8s-file",
+                "--log-opt",
+                f"path={log_path}",
+                "-v",
+                f"{vol}:/chaos:ro",
+                img.ref,
+                *container_cmd(cname),
+            ]
             run.pm("run", "-d", *run.run_args[cname])
             run.collectors[cname] = Collector(cname, log_path, img.sums)
         for target in (run.dropper, run.poller):
@@ -780,8 +941,9 @@ def execute(plan: Plan, work: Path, seed: int) -> tuple[dict[str, Any], bool]:
         while time.monotonic() < deadline:
             run.poll()
             with run.lock:
-                clean = all(c.clean_round_after(final_start) is not None
-                            for c in run.collectors.values())
+                clean = all(
+                    c.clean_round_after(final_start) is not None for c in run.collectors.values()
+                )
             if clean:
                 break
             time.sleep(1.0)
@@ -822,10 +984,16 @@ def execute(plan: Plan, work: Path, seed: int) -> tuple[dict[str, Any], bool]:
 def preflight() -> str | None:
     if os.geteuid() != 0:
         return "needs root (FUSE, podman overlay storage, dropping the page cache)"
-    missing = [what for what, ok in (("podman", PODMAN is not None),
-                                     ("docker-registry", registry_available()),
-                                     ("/dev/fuse and fusermount3", FUSE_AVAILABLE),
-                                     ("busybox-static", os.path.exists(BUSYBOX))) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("podman", PODMAN is not None),
+            ("docker-registry", registry_available()),
+            ("/dev/fuse and fusermount3", FUSE_AVAILABLE),
+            ("busybox-static", os.path.exists(BUSYBOX)),
+        )
+        if not ok
+    ]
     return f"needs {', '.join(missing)}" if missing else None
 
 

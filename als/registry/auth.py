@@ -41,7 +41,7 @@ def normalize_key(key: str) -> str:
     k = key.strip()
     for scheme in ("https://", "http://"):
         if k.startswith(scheme):
-            k = k[len(scheme):]
+            k = k[len(scheme) :]
             # Legacy docker keys are URLs: only the host part counts.
             k = k.split("/", 1)[0]
             break
@@ -101,8 +101,9 @@ def call_credential_helper(helper: str, server: str) -> Credential | None:
     if proc.returncode != 0:
         out = proc.stdout.decode(errors="replace").strip()
         if "credentials not found" not in out.lower():
-            log.warning("credential helper %s failed for %s (exit %d)", helper, server,
-                        proc.returncode)
+            log.warning(
+                "credential helper %s failed for %s (exit %d)", helper, server, proc.returncode
+            )
         return None
     try:
         data = json.loads(proc.stdout)
@@ -135,8 +136,7 @@ def _warn_if_exposed(path: str) -> None:
     if mode & 0o077 and path not in _WARNED_EXPOSED:
         _WARNED_EXPOSED.add(path)
         log.warning(
-            "auth file %s holds credentials and other users may access it (mode %o); "
-            "chmod 600 it",
+            "auth file %s holds credentials and other users may access it (mode %o); chmod 600 it",
             path,
             stat.S_IMODE(mode),
         )
@@ -217,8 +217,13 @@ class CredentialStore:
             raise ConfigError(f"auth file {path} does not exist")
         return cls([path])
 
-    def set(self, key: str, username: str, password: str | None = None,
-            identity_token: str | None = None) -> None:
+    def set(
+        self,
+        key: str,
+        username: str,
+        password: str | None = None,
+        identity_token: str | None = None,
+    ) -> None:
         if not username and not identity_token:
             raise ValueError("a credential needs a username or an identity token")
         with self._lock:
@@ -300,7 +305,7 @@ def parse_www_authenticate(value: str) -> list[Challenge]:
         if not m:
             break
         scheme = m.group(1).lower()
-        rest = rest[m.end():]
+        rest = rest[m.end() :]
         params: dict[str, str] = {}
         while True:
             pm = _PARAM_RE.match(rest)
@@ -308,10 +313,9 @@ def parse_www_authenticate(value: str) -> list[Challenge]:
                 break
             # A bare word followed by '=' is a param; a new scheme name is not followed by '='.
             params[pm.group(1).lower()] = (
-                re.sub(r"\\(.)", r"\1", pm.group(2)) if pm.group(2) is not None
-                else pm.group(3)
+                re.sub(r"\\(.)", r"\1", pm.group(2)) if pm.group(2) is not None else pm.group(3)
             )
-            rest = rest[pm.end():]
+            rest = rest[pm.end() :]
         out.append(Challenge(scheme, params))
         rest = rest.lstrip(", ")
     return out

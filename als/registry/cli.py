@@ -15,8 +15,10 @@ from als.registry.client import LayerDescriptor, RegistryClient
 from als.registry.config import RegistriesConf
 
 ANN_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-ANN_ZSTD_CHECKSUM = ("io.github.containers.zstd-chunked.manifest-checksum",
-                     "io.containers.zstd-chunked.manifest-checksum")
+ANN_ZSTD_CHECKSUM = (
+    "io.github.containers.zstd-chunked.manifest-checksum",
+    "io.containers.zstd-chunked.manifest-checksum",
+)
 LAZY = ("estargz", "stargz-legacy", "estargz-zstd", "zstd-chunked")
 
 
@@ -68,8 +70,7 @@ def _lazy(fmt: str, toc_digest: str | None, diff_id: str | None) -> tuple[bool, 
     return True, "ok"
 
 
-def _probe(client: RegistryClient, ref: str, desc: LayerDescriptor, report: LayerReport
-           ) -> None:
+def _probe(client: RegistryClient, ref: str, desc: LayerDescriptor, report: LayerReport) -> None:
     try:
         from als.formats.detect import load_index
     except ImportError:
@@ -80,8 +81,7 @@ def _probe(client: RegistryClient, ref: str, desc: LayerDescriptor, report: Laye
         return client.fetch_ranges(ref, desc.digest, ranges)
 
     try:
-        index = load_index(read, desc.size, annotations=dict(desc.annotations),
-                           layer=desc.digest)
+        index = load_index(read, desc.size, annotations=dict(desc.annotations), layer=desc.digest)
     except NotLazy as exc:
         report.format, report.format_source = exc.format, "probe"
         report.lazy, report.reason = False, f"{exc.format} layers have no TOC"
@@ -99,36 +99,67 @@ def _probe(client: RegistryClient, ref: str, desc: LayerDescriptor, report: Laye
 def inspect_remote(args: argparse.Namespace) -> int:
     conf = RegistriesConf.load(getattr(args, "registries_conf", None))
     authfile = getattr(args, "authfile", None)
-    creds = CredentialStore.from_file(authfile) if authfile else \
-        CredentialStore.from_default_files()
+    creds = (
+        CredentialStore.from_file(authfile) if authfile else CredentialStore.from_default_files()
+    )
     with RegistryClient(registries_conf=conf, credentials=creds, max_retry_time=30) as client:
         img = client.resolve(args.target, platform=getattr(args, "platform", None))
         reports = []
         for i, desc in enumerate(img.layers):
             fmt, toc = format_from_descriptor(desc)
             lazy, reason = _lazy(fmt, toc, desc.diff_id)
-            rep = LayerReport(i, desc.digest, desc.size, desc.media_type, desc.diff_id, fmt,
-                              "annotations" if toc else "media type", toc, lazy, reason)
+            rep = LayerReport(
+                i,
+                desc.digest,
+                desc.size,
+                desc.media_type,
+                desc.diff_id,
+                fmt,
+                "annotations" if toc else "media type",
+                toc,
+                lazy,
+                reason,
+            )
             if getattr(args, "probe", False):
                 _probe(client, str(img.ref), desc, rep)
             reports.append(rep)
         stats = client.stats.snapshot()
     if getattr(args, "json", False):
-        doc = {"ref": str(img.ref), "manifest_digest": img.manifest_digest,
-               "index_digest": img.index_digest, "platform": img.platform,
-               "config_digest": img.config_digest, "source": img.source,
-               "layers": [r.as_json() for r in reports],
-               "requests": stats["requests"], "bytes_received": stats["bytes_received"]}
+        doc = {
+            "ref": str(img.ref),
+            "manifest_digest": img.manifest_digest,
+            "index_digest": img.index_digest,
+            "platform": img.platform,
+            "config_digest": img.config_digest,
+            "source": img.source,
+            "layers": [r.as_json() for r in reports],
+            "requests": stats["requests"],
+            "bytes_received": stats["bytes_received"],
+        }
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    _print_text(img.ref, img.manifest_digest, img.index_digest, img.platform,
-                img.config_digest, img.source, reports)
+    _print_text(
+        img.ref,
+        img.manifest_digest,
+        img.index_digest,
+        img.platform,
+        img.config_digest,
+        img.source,
+        reports,
+    )
     return 0
 
 
-def _print_text(ref: object, manifest: str, index: str | None, platform: str, config: str,
-                source: str, reports: Sequence[LayerReport]) -> None:
+def _print_text(
+    ref: object,
+    manifest: str,
+    index: str | None,
+    platform: str,
+    config: str,
+    source: str,
+    reports: Sequence[LayerReport],
+) -> None:
     out = sys.stdout
     print(f"image:     {ref}", file=out)
     print(f"manifest:  {manifest}" + (f"  (from index {index})" if index else ""), file=out)

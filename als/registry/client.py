@@ -167,8 +167,9 @@ class _Watchdog:
         with self._cv:
             heapq.heappush(self._heap, (w.when, next(self._seq), w))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="als-http-watchdog",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="als-http-watchdog", daemon=True
+                )
                 self._thread.start()
             self._cv.notify()
 
@@ -202,8 +203,10 @@ def _guard_new_conn(conn: Any, sock: socket.socket) -> socket.socket:
     if blocked_address(peer):
         sock.close()
         raise urllib3.exceptions.NewConnectionError(
-            conn, f"refusing to talk to {conn.host}: it is at {peer}, a link-local (cloud "
-                  f"metadata) address")
+            conn,
+            f"refusing to talk to {conn.host}: it is at {peer}, a link-local (cloud "
+            f"metadata) address",
+        )
     return sock
 
 
@@ -258,7 +261,8 @@ class _GuardedAdapter(requests.adapters.HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {
-            "http": _GuardedHTTPPool, "https": _GuardedHTTPSPool,
+            "http": _GuardedHTTPPool,
+            "https": _GuardedHTTPSPool,
         }
 
 
@@ -266,9 +270,17 @@ def host_platform() -> str:
     """This host's platform as ``os/arch[/variant]`` in OCI terms."""
     machine = _platform.machine().lower()
     arch = {
-        "x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
-        "armv7l": "arm/v7", "armv6l": "arm/v6", "i386": "386", "i686": "386",
-        "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64",
+        "x86_64": "amd64",
+        "amd64": "amd64",
+        "aarch64": "arm64",
+        "arm64": "arm64",
+        "armv7l": "arm/v7",
+        "armv6l": "arm/v6",
+        "i386": "386",
+        "i686": "386",
+        "ppc64le": "ppc64le",
+        "s390x": "s390x",
+        "riscv64": "riscv64",
     }.get(machine, machine)
     return f"linux/{arch}"
 
@@ -321,8 +333,16 @@ class ClientStats:
         self.fallbacks = 0  # endpoint/repository fallbacks taken
         self.per_host: dict[str, int] = {}
 
-    def add(self, *, requests: int = 0, bytes_received: int = 0, retries: int = 0,
-            multirange: int = 0, fallbacks: int = 0, host: str | None = None) -> None:
+    def add(
+        self,
+        *,
+        requests: int = 0,
+        bytes_received: int = 0,
+        retries: int = 0,
+        multirange: int = 0,
+        fallbacks: int = 0,
+        host: str | None = None,
+    ) -> None:
         with self._lock:
             self.requests += requests
             self.bytes_received += bytes_received
@@ -335,9 +355,12 @@ class ClientStats:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
-                "requests": self.requests, "bytes_received": self.bytes_received,
-                "retries": self.retries, "multirange_requests": self.multirange_requests,
-                "fallbacks": self.fallbacks, "per_host": dict(self.per_host),
+                "requests": self.requests,
+                "bytes_received": self.bytes_received,
+                "retries": self.retries,
+                "multirange_requests": self.multirange_requests,
+                "fallbacks": self.fallbacks,
+                "per_host": dict(self.per_host),
             }
 
 
@@ -347,8 +370,9 @@ class ClientStats:
 class _Transient(Exception):
     """A failure worth retrying (after a backoff)."""
 
-    def __init__(self, message: str, retry_after: float | None = None,
-                 host: str | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, host: str | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.host = host
@@ -429,8 +453,11 @@ class RegistryClient:
         self.backoff_cap = backoff_cap
         self.redirect_ttl = redirect_ttl
         self.mirror_down_time = mirror_down_time
-        self.realm_policy = (parse_realm_policy(auth_realm_hosts)
-                             if isinstance(auth_realm_hosts, str) else auth_realm_hosts)
+        self.realm_policy = (
+            parse_realm_policy(auth_realm_hosts)
+            if isinstance(auth_realm_hosts, str)
+            else auth_realm_hosts
+        )
         self._withheld: set[tuple[str, str]] = set()
         self._resolved: dict[str, tuple[float, tuple[str, ...]]] = {}
         self.stats = ClientStats()
@@ -519,16 +546,20 @@ class RegistryClient:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Transient("deadline reached")
-        return (max(0.05, min(self.connect_timeout, remaining)),
-                max(0.05, min(self.read_timeout, remaining)))
+        return (
+            max(0.05, min(self.connect_timeout, remaining)),
+            max(0.05, min(self.read_timeout, remaining)),
+        )
 
     def _check_address(self, url: str) -> None:
         """Refuse (before connecting) a URL whose host is, or resolves to, a blocked address."""
         parts = urlsplit(url)
         name = parts.hostname or ""
         if blocked_address(name):
-            raise RegistryError(f"refusing to connect to {parts.netloc}: a link-local (cloud "
-                                f"metadata) address is never a registry")
+            raise RegistryError(
+                f"refusing to connect to {parts.netloc}: a link-local (cloud "
+                f"metadata) address is never a registry"
+            )
         now = time.monotonic()
         with self._lock:
             hit = self._resolved.get(name)
@@ -546,12 +577,22 @@ class RegistryClient:
             addrs = hit[1]
         bad = next((a for a in addrs if blocked_address(a)), None)
         if bad is not None:
-            raise RegistryError(f"refusing to connect to {parts.netloc} (it resolves to {bad}): "
-                                f"a link-local (cloud metadata) address is never a registry")
+            raise RegistryError(
+                f"refusing to connect to {parts.netloc} (it resolves to {bad}): "
+                f"a link-local (cloud metadata) address is never a registry"
+            )
 
-    def _send(self, method: str, url: str, *, headers: Mapping[str, str], deadline: float,
-              stream: bool = False, data: bytes | None = None, watch: bool = True
-              ) -> requests.Response:
+    def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        deadline: float,
+        stream: bool = False,
+        data: bytes | None = None,
+        watch: bool = True,
+    ) -> requests.Response:
         """One HTTP exchange, no redirects followed; network failures become _Transient.
 
         Unless ``watch`` is false, the exchange (headers and, for ``stream``, the body) is cut
@@ -581,21 +622,31 @@ class RegistryClient:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
                 resp = self._session().request(
-                    method, url, headers=dict(headers), data=data, stream=stream,
-                    allow_redirects=False, timeout=self._timeout(deadline), proxies=proxies,
+                    method,
+                    url,
+                    headers=dict(headers),
+                    data=data,
+                    stream=stream,
+                    allow_redirects=False,
+                    timeout=self._timeout(deadline),
+                    proxies=proxies,
                     **kwargs,
                 )
         except requests.exceptions.SSLError as exc:
             raise _TLSFailure(f"TLS error talking to {host}: {_safe(exc)}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             if w is not None and time.monotonic() >= w.when:
-                raise _Transient(f"{method} {host}{parts.path}: no complete answer before the "
-                                 f"deadline", host=host) from None
-            raise _Transient(f"{method} {host}{parts.path}: {type(exc).__name__}: {_safe(exc)}",
-                             host=host) from None
+                raise _Transient(
+                    f"{method} {host}{parts.path}: no complete answer before the deadline",
+                    host=host,
+                ) from None
+            raise _Transient(
+                f"{method} {host}{parts.path}: {type(exc).__name__}: {_safe(exc)}", host=host
+            ) from None
         except requests.RequestException as exc:  # invalid URL or header from a hostile server
-            raise RegistryError(f"{method} {host}{parts.path}: {type(exc).__name__}: "
-                                f"{_safe(exc)}") from None
+            raise RegistryError(
+                f"{method} {host}{parts.path}: {type(exc).__name__}: {_safe(exc)}"
+            ) from None
         finally:
             _CURRENT.watch = None
             if w is not None and not stream:
@@ -615,8 +666,12 @@ class RegistryClient:
         transient: _Transient | None = None
         for scheme in schemes:
             try:
-                resp = self._send("GET", f"{scheme}://{host}/v2/",
-                                  headers={"Accept-Encoding": "identity"}, deadline=deadline)
+                resp = self._send(
+                    "GET",
+                    f"{scheme}://{host}/v2/",
+                    headers={"Accept-Encoding": "identity"},
+                    deadline=deadline,
+                )
             except _TLSFailure as exc:
                 first_error = first_error or exc
                 continue
@@ -629,18 +684,20 @@ class RegistryClient:
                 if resp.status_code == 400 and scheme == "http" and first_error is not None:
                     continue  # an HTTPS server answering a plain request
                 if resp.status_code in TRANSIENT_STATUSES:
-                    raise _Transient(f"GET {host}/v2/: HTTP {resp.status_code}",
-                                     _retry_after(resp), host)
+                    raise _Transient(
+                        f"GET {host}/v2/: HTTP {resp.status_code}", _retry_after(resp), host
+                    )
                 challenge = None
                 if resp.status_code == 401:
                     chs = parse_www_authenticate(resp.headers.get("WWW-Authenticate", ""))
                     challenge = next((c for c in chs if c.scheme == "bearer"), None) or (
-                        chs[0] if chs else None)
+                        chs[0] if chs else None
+                    )
                 elif resp.status_code not in (200, 404):
                     # 404: a registry that does not serve /v2/ itself; keep going.
                     first_error = RegistryError(
-                        f"{host} does not look like a registry (GET /v2/: HTTP "
-                        f"{resp.status_code})")
+                        f"{host} does not look like a registry (GET /v2/: HTTP {resp.status_code})"
+                    )
                     continue
             with self._lock:
                 st.scheme, st.challenge, st.pinged = scheme, challenge, True
@@ -656,8 +713,9 @@ class RegistryClient:
         key_host = "docker.io" if host == "registry-1.docker.io" else host
         return self.credentials.get(key_host, repo)
 
-    def _auth_header(self, host: str, repo: str, actions: str, deadline: float,
-                     *, refresh: bool = False) -> str | None:
+    def _auth_header(
+        self, host: str, repo: str, actions: str, deadline: float, *, refresh: bool = False
+    ) -> str | None:
         st = self._host_state(host)
         ch = st.challenge
         if ch is None:
@@ -681,8 +739,9 @@ class RegistryClient:
             self._tokens[key] = _Token(header, now + max(1.0, ttl - 10))
         return header
 
-    def _fetch_token(self, host: str, repo: str, ch: Challenge, scope: str, deadline: float
-                     ) -> tuple[str, float]:
+    def _fetch_token(
+        self, host: str, repo: str, ch: Challenge, scope: str, deadline: float
+    ) -> tuple[str, float]:
         realm = ch.realm
         if not realm.startswith(("https://", "http://")):
             raise AuthError(f"{host}: bearer challenge with an unusable realm")
@@ -699,17 +758,26 @@ class RegistryClient:
                 first = (host, realm_host) not in self._withheld
                 self._withheld.add((host, realm_host))
             if first:
-                log.warning("not sending the credentials for %s to its token realm %s (another "
-                            "host; allow it with auth_realm_hosts); asking anonymously",
-                            host, realm_host)
+                log.warning(
+                    "not sending the credentials for %s to its token realm %s (another "
+                    "host; allow it with auth_realm_hosts); asking anonymously",
+                    host,
+                    realm_host,
+                )
         service = ch.params.get("service", "")
         headers = {"Accept-Encoding": "identity"}
         if cred is not None and cred.identity_token:
-            body = {"grant_type": "refresh_token", "refresh_token": cred.identity_token,
-                    "scope": scope, "service": service, "client_id": "als"}
+            body = {
+                "grant_type": "refresh_token",
+                "refresh_token": cred.identity_token,
+                "scope": scope,
+                "service": service,
+                "client_id": "als",
+            }
             headers["Content-Type"] = "application/x-www-form-urlencoded"
-            resp = self._send("POST", realm, headers=headers, deadline=deadline,
-                              data=urlencode(body).encode())
+            resp = self._send(
+                "POST", realm, headers=headers, deadline=deadline, data=urlencode(body).encode()
+            )
         else:
             if cred is not None:
                 headers["Authorization"] = basic_header(cred)
@@ -718,14 +786,21 @@ class RegistryClient:
             resp = self._send("GET", url, headers=headers, deadline=deadline)
         with resp:
             if resp.status_code in TRANSIENT_STATUSES:
-                raise _Transient(f"token server {realm_host}: HTTP {resp.status_code}",
-                                 _retry_after(resp), host)
+                raise _Transient(
+                    f"token server {realm_host}: HTTP {resp.status_code}", _retry_after(resp), host
+                )
             if resp.status_code in (401, 403):
                 who = f"as {cred.username!r}" if cred else "anonymously"
-                why = (f"; the credentials for {host} were withheld from this realm on another "
-                       f"host (auth_realm_hosts)" if withheld else "")
-                raise AuthError(f"token server {realm_host} refused a token for {scope} of "
-                                f"{host} {who} (HTTP {resp.status_code}){why}")
+                why = (
+                    f"; the credentials for {host} were withheld from this realm on another "
+                    f"host (auth_realm_hosts)"
+                    if withheld
+                    else ""
+                )
+                raise AuthError(
+                    f"token server {realm_host} refused a token for {scope} of "
+                    f"{host} {who} (HTTP {resp.status_code}){why}"
+                )
             if resp.status_code != 200:
                 raise AuthError(f"token server {realm_host}: HTTP {resp.status_code} for {scope}")
             try:
@@ -749,19 +824,31 @@ class RegistryClient:
         return self.realm_policy.allows(reg, target)
 
     # ---- core request with auth + redirects ------------------------------------------------
-    def _request(self, ep_host: str, repo: str, method: str, path: str, *, deadline: float,
-                 headers: Mapping[str, str] | None = None, actions: str = "pull",
-                 insecure: bool = False, stream: bool = False, data: bytes | None = None,
-                 redirect_key: tuple[str, str, str] | None = None, watch: bool = True
-                 ) -> requests.Response:
+    def _request(
+        self,
+        ep_host: str,
+        repo: str,
+        method: str,
+        path: str,
+        *,
+        deadline: float,
+        headers: Mapping[str, str] | None = None,
+        actions: str = "pull",
+        insecure: bool = False,
+        stream: bool = False,
+        data: bytes | None = None,
+        redirect_key: tuple[str, str, str] | None = None,
+        watch: bool = True,
+    ) -> requests.Response:
         st = self._ping(ep_host, insecure, deadline)
         url = f"{st.scheme}://{ep_host}{path}"
         hdrs = {"Accept-Encoding": "identity", **(headers or {})}
         auth = self._auth_header(ep_host, repo, actions, deadline)
         if auth:
             hdrs["Authorization"] = auth
-        resp = self._send(method, url, headers=hdrs, deadline=deadline, stream=stream, data=data,
-                          watch=watch)
+        resp = self._send(
+            method, url, headers=hdrs, deadline=deadline, stream=stream, data=data, watch=watch
+        )
         if resp.status_code == 401:
             chs = parse_www_authenticate(resp.headers.get("WWW-Authenticate", ""))
             resp.close()
@@ -772,23 +859,28 @@ class RegistryClient:
             auth = self._auth_header(ep_host, repo, actions, deadline, refresh=True)
             if auth:
                 hdrs["Authorization"] = auth
-            resp = self._send(method, url, headers=hdrs, deadline=deadline, stream=stream,
-                              data=data, watch=watch)
+            resp = self._send(
+                method, url, headers=hdrs, deadline=deadline, stream=stream, data=data, watch=watch
+            )
         hops = 0
         origin = urlsplit(url)
         while resp.status_code in REDIRECT_STATUSES and "Location" in resp.headers:
             hops += 1
             if hops > MAX_REDIRECTS:
                 resp.close()
-                raise RegistryError(f"{method} {ep_host}{path}: more than {MAX_REDIRECTS} "
-                                    f"redirects (a loop?), last to {urlsplit(url).netloc}")
+                raise RegistryError(
+                    f"{method} {ep_host}{path}: more than {MAX_REDIRECTS} "
+                    f"redirects (a loop?), last to {urlsplit(url).netloc}"
+                )
             new = urljoin(url, resp.headers["Location"])
             resp.close()
             target = urlsplit(new)
             if target.scheme not in ("http", "https"):
-                raise RegistryError(f"{method} {ep_host}{path}: refusing a redirect to a "
-                                    f"{target.scheme or 'schemeless'}: URL (only http and https "
-                                    f"are followed)")
+                raise RegistryError(
+                    f"{method} {ep_host}{path}: refusing a redirect to a "
+                    f"{target.scheme or 'schemeless'}: URL (only http and https "
+                    f"are followed)"
+                )
             try:
                 self._check_address(new)
             except RegistryError as exc:
@@ -798,8 +890,9 @@ class RegistryClient:
             if resp.status_code == 303:
                 method, data = ("HEAD" if method == "HEAD" else "GET"), None
             url = new
-            resp = self._send(method, url, headers=hdrs, deadline=deadline, stream=stream,
-                              data=data, watch=watch)
+            resp = self._send(
+                method, url, headers=hdrs, deadline=deadline, stream=stream, data=data, watch=watch
+            )
         if hops and redirect_key is not None and resp.status_code in (200, 206):
             with self._lock:
                 self._redirects[redirect_key] = (url, time.monotonic() + self.redirect_ttl)
@@ -821,8 +914,9 @@ class RegistryClient:
             raise RegistryError(f"{what}: range not satisfiable (HTTP 416 from {host})")
         raise RegistryError(f"{what}: unexpected HTTP {code} from {host}")
 
-    def _read_all(self, resp: requests.Response, limit: int, deadline: float,
-                  what: str = "response") -> bytes:
+    def _read_all(
+        self, resp: requests.Response, limit: int, deadline: float, what: str = "response"
+    ) -> bytes:
         cl = resp.headers.get("Content-Length")
         if cl is not None and cl.isdigit() and int(cl) > limit:
             resp.close()
@@ -837,10 +931,15 @@ class RegistryClient:
                 if time.monotonic() > deadline:
                     resp.close()
                     raise _Transient(f"{what}: deadline reached while reading the body")
-        except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError,
-                requests.Timeout, urllib3.exceptions.HTTPError) as exc:
-            raise _Transient(f"{what}: body broken off after {len(buf)} bytes: "
-                             f"{type(exc).__name__}") from None
+        except (
+            requests.exceptions.ChunkedEncodingError,
+            requests.ConnectionError,
+            requests.Timeout,
+            urllib3.exceptions.HTTPError,
+        ) as exc:
+            raise _Transient(
+                f"{what}: body broken off after {len(buf)} bytes: {type(exc).__name__}"
+            ) from None
         finally:
             self.stats.add(bytes_received=len(buf))
         if cl is not None and cl.isdigit() and len(buf) != int(cl):
@@ -867,15 +966,16 @@ class RegistryClient:
                     delay = max(delay, exc.retry_after)
                 if now + delay >= deadline:
                     raise RegistryError(
-                        f"{what}: giving up after {attempt} attempt(s) in "
-                        f"{now - start:.1f}s: {exc}") from None
+                        f"{what}: giving up after {attempt} attempt(s) in {now - start:.1f}s: {exc}"
+                    ) from None
                 level = logging.INFO if attempt < 3 else logging.WARNING
                 log.log(level, "%s: %s; retry %d in %.2fs", what, exc, attempt, delay)
                 self.stats.add(retries=1)
                 time.sleep(delay)
 
-    def _over_sources(self, what: str, sources: Sequence[tuple[Endpoint, str]],
-                      fn: Callable[[Endpoint, str], T]) -> T:
+    def _over_sources(
+        self, what: str, sources: Sequence[tuple[Endpoint, str]], fn: Callable[[Endpoint, str], T]
+    ) -> T:
         """Try ``fn`` on each (endpoint, repository) in order; one pass, no sleeping.
 
         Non-transient failures (404, denied, bad digest) move on to the next source; if every
@@ -902,8 +1002,9 @@ class RegistryClient:
             except (NotFound, RegistryError, VerifyError) as exc:
                 errors.append(exc)
                 if not last:
-                    log.info("%s: %s failed (%s); trying the next source", what,
-                             f"{ep.host}/{repo}", exc)
+                    log.info(
+                        "%s: %s failed (%s); trying the next source", what, f"{ep.host}/{repo}", exc
+                    )
                     self.stats.add(fallbacks=1)
                 continue
             if i:
@@ -929,8 +1030,9 @@ class RegistryClient:
     def seen_in(self, digest: str) -> list[str]:
         """``host/repo`` locations where ``digest`` has been found (for diagnostics)."""
         with self._lock:
-            return [f"{h}/{r}" for (h, d), repos in self._seen.items() if d == digest
-                    for r in repos]
+            return [
+                f"{h}/{r}" for (h, d), repos in self._seen.items() if d == digest for r in repos
+            ]
 
     def _blob_sources(self, ref: ImageRef, digest: str) -> list[tuple[Endpoint, str]]:
         out: list[tuple[Endpoint, str]] = []
@@ -946,24 +1048,40 @@ class RegistryClient:
         return parse_reference(ref) if isinstance(ref, str) else ref
 
     # ---- resolve ---------------------------------------------------------------------------
-    def resolve(self, ref: ImageRef | str, *, platform: str | None = None,
-                deadline: float | None = None) -> ResolvedImage:
+    def resolve(
+        self, ref: ImageRef | str, *, platform: str | None = None, deadline: float | None = None
+    ) -> ResolvedImage:
         r = self._ref(ref)
         want = _parse_platform(platform or host_platform())
         dl = self._deadline(deadline)
         sources = [(ep, ep.repository) for ep in self.conf.endpoints(r)]
         what = f"resolving {r}"
-        return self._retrying(what, dl, lambda: self._over_sources(
-            what, sources, lambda ep, repo: self._resolve_at(r, ep, want, dl)))
+        return self._retrying(
+            what,
+            dl,
+            lambda: self._over_sources(
+                what, sources, lambda ep, repo: self._resolve_at(r, ep, want, dl)
+            ),
+        )
 
-    def _get_manifest(self, ep: Endpoint, reference: str, deadline: float
-                      ) -> tuple[bytes, str, str]:
-        what = f"manifest {ep}:{reference}" if not reference.startswith("sha256:") \
+    def _get_manifest(
+        self, ep: Endpoint, reference: str, deadline: float
+    ) -> tuple[bytes, str, str]:
+        what = (
+            f"manifest {ep}:{reference}"
+            if not reference.startswith("sha256:")
             else f"manifest {ep}@{reference}"
-        resp = self._request(ep.host, ep.repository, "GET",
-                             f"/v2/{ep.repository}/manifests/{reference}", deadline=deadline,
-                             headers={"Accept": MANIFEST_ACCEPT}, insecure=ep.insecure,
-                             stream=True)
+        )
+        resp = self._request(
+            ep.host,
+            ep.repository,
+            "GET",
+            f"/v2/{ep.repository}/manifests/{reference}",
+            deadline=deadline,
+            headers={"Accept": MANIFEST_ACCEPT},
+            insecure=ep.insecure,
+            stream=True,
+        )
         self._check_status(resp, what, ep.host)
         with resp:
             body = self._read_all(resp, MAX_MANIFEST_SIZE, deadline, what)
@@ -972,13 +1090,15 @@ class RegistryClient:
                 raise VerifyError(f"{what}: body has digest {digest}, not the one asked for")
             header = resp.headers.get("Docker-Content-Digest")
             if header and header.startswith("sha256:") and header != digest:
-                raise VerifyError(f"{what}: body has digest {digest} but the registry "
-                                  f"says {header}")
+                raise VerifyError(
+                    f"{what}: body has digest {digest} but the registry says {header}"
+                )
             ctype = resp.headers.get("Content-Type", "").split(";")[0].strip()
         return body, digest, ctype
 
-    def _resolve_at(self, ref: ImageRef, ep: Endpoint, want: tuple[str, str, str | None],
-                    deadline: float) -> ResolvedImage:
+    def _resolve_at(
+        self, ref: ImageRef, ep: Endpoint, want: tuple[str, str, str | None], deadline: float
+    ) -> ResolvedImage:
         reference = ref.digest or ref.tag or "latest"
         body, digest, ctype = self._get_manifest(ep, reference, deadline)
         doc = self._json(body, f"manifest {ep}:{reference}")
@@ -1001,27 +1121,39 @@ class RegistryClient:
         config = self._get_small_blob(ep, cfg_digest, cfg_size, deadline)
         cfg = self._json(config, f"config {cfg_digest} of {ref}")
         if plat is None:
-            plat = _platform_str(str(cfg.get("os", "")), str(cfg.get("architecture", "")),
-                                 cfg.get("variant") or None)
+            plat = _platform_str(
+                str(cfg.get("os", "")), str(cfg.get("architecture", "")), cfg.get("variant") or None
+            )
         rootfs = cfg.get("rootfs") or {}
         diff_ids = [str(d) for d in rootfs.get("diff_ids") or []]
         layers = []
         raw_layers = doc.get("layers") or []
         for i, ld in enumerate(raw_layers):
             ann = ld.get("annotations") or {}
-            layers.append(LayerDescriptor(
-                digest=validate_digest(str(ld.get("digest", ""))),
-                size=int(ld.get("size", -1)),
-                media_type=str(ld.get("mediaType", "")),
-                annotations={str(k): str(v) for k, v in ann.items()},
-                diff_id=diff_ids[i] if i < len(diff_ids) and len(diff_ids) == len(raw_layers)
-                else None,
-            ))
+            layers.append(
+                LayerDescriptor(
+                    digest=validate_digest(str(ld.get("digest", ""))),
+                    size=int(ld.get("size", -1)),
+                    media_type=str(ld.get("mediaType", "")),
+                    annotations={str(k): str(v) for k, v in ann.items()},
+                    diff_id=diff_ids[i]
+                    if i < len(diff_ids) and len(diff_ids) == len(raw_layers)
+                    else None,
+                )
+            )
         for d in [cfg_digest, *(layer.digest for layer in layers)]:
             self._record_seen(ep.host, ep.repository, d)
-        return ResolvedImage(ref=ref, manifest_digest=digest, manifest=body, config=config,
-                             platform=plat, layers=tuple(layers), config_digest=cfg_digest,
-                             source=str(ep), index_digest=index_digest)
+        return ResolvedImage(
+            ref=ref,
+            manifest_digest=digest,
+            manifest=body,
+            config=config,
+            platform=plat,
+            layers=tuple(layers),
+            config_digest=cfg_digest,
+            source=str(ep),
+            index_digest=index_digest,
+        )
 
     @staticmethod
     def _json(body: bytes, what: str) -> dict[str, Any]:
@@ -1034,16 +1166,20 @@ class RegistryClient:
         return doc
 
     @staticmethod
-    def _select_platform(index: Mapping[str, Any], want: tuple[str, str, str | None],
-                         what: str) -> tuple[str, str]:
+    def _select_platform(
+        index: Mapping[str, Any], want: tuple[str, str, str | None], what: str
+    ) -> tuple[str, str]:
         w_os, w_arch, w_var = want
         norm = {"arm64": "v8"}
         candidates = []
         available = []
         for m in index.get("manifests") or []:
             p = m.get("platform") or {}
-            os_, arch, var = str(p.get("os", "")), str(p.get("architecture", "")), \
-                p.get("variant") or None
+            os_, arch, var = (
+                str(p.get("os", "")),
+                str(p.get("architecture", "")),
+                p.get("variant") or None,
+            )
             available.append(_platform_str(os_, arch, var))
             if os_ != w_os or arch != w_arch:
                 continue
@@ -1051,17 +1187,25 @@ class RegistryClient:
                 continue
             candidates.append((m, _platform_str(os_, arch, var)))
         if not candidates:
-            raise NotFound(f"{what}: no manifest for platform "
-                           f"{_platform_str(w_os, w_arch, w_var)} (available: "
-                           f"{', '.join(available) or 'none'})")
+            raise NotFound(
+                f"{what}: no manifest for platform "
+                f"{_platform_str(w_os, w_arch, w_var)} (available: "
+                f"{', '.join(available) or 'none'})"
+            )
         m, plat = candidates[0]
         return validate_digest(str(m.get("digest", ""))), plat
 
     def _get_small_blob(self, ep: Endpoint, digest: str, size: int, deadline: float) -> bytes:
         what = f"blob {digest} in {ep}"
-        resp = self._request(ep.host, ep.repository, "GET",
-                             f"/v2/{ep.repository}/blobs/{digest}", deadline=deadline,
-                             insecure=ep.insecure, stream=True)
+        resp = self._request(
+            ep.host,
+            ep.repository,
+            "GET",
+            f"/v2/{ep.repository}/blobs/{digest}",
+            deadline=deadline,
+            insecure=ep.insecure,
+            stream=True,
+        )
         self._check_status(resp, what, ep.host)
         with resp:
             data = self._read_all(resp, MAX_CONFIG_SIZE, deadline, what)
@@ -1073,16 +1217,21 @@ class RegistryClient:
         return data
 
     # ---- blobs -----------------------------------------------------------------------------
-    def blob_size(self, ref: ImageRef | str, digest: str, *,
-                  deadline: float | None = None) -> int:
+    def blob_size(self, ref: ImageRef | str, digest: str, *, deadline: float | None = None) -> int:
         r = self._ref(ref)
         validate_digest(digest)
         dl = self._deadline(deadline)
         what = f"HEAD blob {digest} of {r}"
 
         def head(ep: Endpoint, repo: str) -> int:
-            resp = self._request(ep.host, repo, "HEAD", f"/v2/{repo}/blobs/{digest}",
-                                 deadline=dl, insecure=ep.insecure)
+            resp = self._request(
+                ep.host,
+                repo,
+                "HEAD",
+                f"/v2/{repo}/blobs/{digest}",
+                deadline=dl,
+                insecure=ep.insecure,
+            )
             self._check_status(resp, what, ep.host)
             resp.close()
             cl = resp.headers.get("Content-Length", "")
@@ -1091,11 +1240,18 @@ class RegistryClient:
             self._record_seen(ep.host, repo, digest)
             return int(cl)
 
-        return self._retrying(what, dl, lambda: self._over_sources(
-            what, self._blob_sources(r, digest), head))
+        return self._retrying(
+            what, dl, lambda: self._over_sources(what, self._blob_sources(r, digest), head)
+        )
 
-    def fetch_ranges(self, ref: ImageRef | str, digest: str, ranges: Sequence[tuple[int, int]],
-                     *, deadline: float | None = None) -> list[bytes]:
+    def fetch_ranges(
+        self,
+        ref: ImageRef | str,
+        digest: str,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        deadline: float | None = None,
+    ) -> list[bytes]:
         """The bytes of each ``(offset, length)`` of blob ``digest``, in order.
 
         Nearby ranges are coalesced, several ranges go into one multi-range request where the
@@ -1107,8 +1263,9 @@ class RegistryClient:
         for off, n in ranges:
             if off < 0 or n < 0:
                 raise ValueError(f"invalid range ({off}, {n})")
-        regions = coalesce(ranges, max_gap=self.coalesce_gap,
-                           max_size=max(self.max_bytes_per_request, 1))
+        regions = coalesce(
+            ranges, max_gap=self.coalesce_gap, max_size=max(self.max_bytes_per_request, 1)
+        )
         if not regions:
             return [b"" for _ in ranges]
         dl = self._deadline(deadline)
@@ -1118,7 +1275,7 @@ class RegistryClient:
         pending = list(regions)
         while pending:
             batch = self._next_batch(pending, sources)
-            pending = pending[len(batch):]
+            pending = pending[len(batch) :]
             got.update(self._fetch_with_retries(what, dl, sources, digest, batch))
         out = []
         for off, n in ranges:
@@ -1127,18 +1284,25 @@ class RegistryClient:
                 continue
             region = next(g for g in got if g.start <= off and off + n <= g.end)
             data = got[region]
-            out.append(data[off - region.start: off - region.start + n])
+            out.append(data[off - region.start : off - region.start + n])
         return out
 
-    def _fetch_with_retries(self, what: str, dl: float, sources: Sequence[tuple[Endpoint, str]],
-                            digest: str, batch: Sequence[Region]) -> dict[Region, bytes]:
+    def _fetch_with_retries(
+        self,
+        what: str,
+        dl: float,
+        sources: Sequence[tuple[Endpoint, str]],
+        digest: str,
+        batch: Sequence[Region],
+    ) -> dict[Region, bytes]:
         def one(ep: Endpoint, repo: str) -> dict[Region, bytes]:
             return self._fetch_batch(ep, repo, digest, batch, dl, what)
 
         return self._retrying(what, dl, lambda: self._over_sources(what, sources, one))
 
-    def _next_batch(self, pending: Sequence[Region], sources: Sequence[tuple[Endpoint, str]]
-                    ) -> list[Region]:
+    def _next_batch(
+        self, pending: Sequence[Region], sources: Sequence[tuple[Endpoint, str]]
+    ) -> list[Region]:
         host = sources[0][0].host if sources else ""
         multi = self.multirange and self._host_state(host).multirange is not False
         limit = self.max_ranges_per_request if multi else 1
@@ -1151,8 +1315,15 @@ class RegistryClient:
             total += reg.length
         return batch
 
-    def _fetch_batch(self, ep: Endpoint, repo: str, digest: str, batch: Sequence[Region],
-                     deadline: float, what: str) -> dict[Region, bytes]:
+    def _fetch_batch(
+        self,
+        ep: Endpoint,
+        repo: str,
+        digest: str,
+        batch: Sequence[Region],
+        deadline: float,
+        what: str,
+    ) -> dict[Region, bytes]:
         st = self._host_state(ep.host)
         if len(batch) > 1 and (st.multirange is False or not self.multirange):
             out: dict[Region, bytes] = {}
@@ -1176,23 +1347,33 @@ class RegistryClient:
                 out[reg] = data
         if missing:
             if len(batch) > 1:
-                log.info("%s answered a multi-range request with other ranges; using single "
-                         "ranges", ep.host)
+                log.info(
+                    "%s answered a multi-range request with other ranges; using single ranges",
+                    ep.host,
+                )
                 with self._lock:
                     st.multirange = False
                 for reg in missing:
                     out.update(self._fetch_batch(ep, repo, digest, [reg], deadline, what))
             else:
-                raise _Transient(f"{what}: response from {ep.host} does not cover "
-                                 f"bytes {batch[0].header_spec()}")
+                raise _Transient(
+                    f"{what}: response from {ep.host} does not cover bytes {batch[0].header_spec()}"
+                )
         elif len(batch) > 1:
             with self._lock:
                 st.multirange = True
         self._record_seen(ep.host, repo, digest)
         return out
 
-    def _get_ranges(self, ep: Endpoint, repo: str, digest: str, batch: Sequence[Region],
-                    deadline: float, what: str) -> list[tuple[int, bytes]]:
+    def _get_ranges(
+        self,
+        ep: Endpoint,
+        repo: str,
+        digest: str,
+        batch: Sequence[Region],
+        deadline: float,
+        what: str,
+    ) -> list[tuple[int, bytes]]:
         key = (ep.host, repo, digest)
         headers = {"Range": range_header(batch)}
         path = f"/v2/{repo}/blobs/{digest}"
@@ -1202,19 +1383,36 @@ class RegistryClient:
             cached = self._redirects.get(key)
         resp: requests.Response | None = None
         if cached is not None and cached[1] > time.monotonic():
-            resp = self._send("GET", cached[0], headers={"Accept-Encoding": "identity",
-                                                         **headers},
-                              deadline=deadline, stream=True)
+            resp = self._send(
+                "GET",
+                cached[0],
+                headers={"Accept-Encoding": "identity", **headers},
+                deadline=deadline,
+                stream=True,
+            )
             if resp.status_code in (401, 403, 404, 410) or resp.status_code in REDIRECT_STATUSES:
-                log.debug("redirected URL for %s is stale (HTTP %d); asking %s again", digest,
-                          resp.status_code, ep.host)
+                log.debug(
+                    "redirected URL for %s is stale (HTTP %d); asking %s again",
+                    digest,
+                    resp.status_code,
+                    ep.host,
+                )
                 resp.close()
                 resp = None
                 with self._lock:
                     self._redirects.pop(key, None)
         if resp is None:
-            resp = self._request(ep.host, repo, "GET", path, deadline=deadline, headers=headers,
-                                 insecure=ep.insecure, stream=True, redirect_key=key)
+            resp = self._request(
+                ep.host,
+                repo,
+                "GET",
+                path,
+                deadline=deadline,
+                headers=headers,
+                insecure=ep.insecure,
+                stream=True,
+                redirect_key=key,
+            )
         if resp.status_code == 400 and len(batch) > 1:
             resp.close()
             raise _MultiRangeRefused
@@ -1237,12 +1435,14 @@ class RegistryClient:
                     raise _Transient(f"{what}: {exc}") from None
                 raise RegistryError(f"{what}: bad range response from {ep.host}: {exc}") from None
             if len(body) != end - start:
-                raise _Transient(f"{what}: got {len(body)} bytes for Content-Range "
-                                 f"{start}-{end - 1}")
+                raise _Transient(
+                    f"{what}: got {len(body)} bytes for Content-Range {start}-{end - 1}"
+                )
             return [(start, body)]
 
-    def _from_full_body(self, resp: requests.Response, batch: Sequence[Region],
-                        deadline: float, what: str) -> list[tuple[int, bytes]]:
+    def _from_full_body(
+        self, resp: requests.Response, batch: Sequence[Region], deadline: float, what: str
+    ) -> list[tuple[int, bytes]]:
         """A 200 answer to a range request: stream the blob, keep only what was asked."""
         log.debug("%s: server ignored Range, reading the whole body", what)
         want_end = max(r.end for r in batch)
@@ -1254,23 +1454,34 @@ class RegistryClient:
                 for reg, acc in zip(batch, bufs, strict=True):
                     lo, hi = max(reg.start, c_start), min(reg.end, c_end)
                     if lo < hi:
-                        acc.extend(chunk[lo - c_start: hi - c_start])
+                        acc.extend(chunk[lo - c_start : hi - c_start])
                 pos = c_end
                 self.stats.add(bytes_received=len(chunk))
                 if pos >= want_end:
                     break
                 if time.monotonic() > deadline:
                     raise _Transient(f"{what}: deadline reached while reading the body")
-        except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError,
-                requests.Timeout, urllib3.exceptions.HTTPError) as exc:
-            raise _Transient(f"{what}: body broken off at byte {pos}: "
-                             f"{type(exc).__name__}") from None
+        except (
+            requests.exceptions.ChunkedEncodingError,
+            requests.ConnectionError,
+            requests.Timeout,
+            urllib3.exceptions.HTTPError,
+        ) as exc:
+            raise _Transient(
+                f"{what}: body broken off at byte {pos}: {type(exc).__name__}"
+            ) from None
         if pos < want_end:
             raise _Transient(f"{what}: body ended at byte {pos}, before {want_end}")
         return [(reg.start, bytes(buf)) for reg, buf in zip(batch, bufs, strict=True)]
 
-    def open_blob(self, ref: ImageRef | str, digest: str, *, deadline: float | None = None,
-                  chunk_size: int = 256 << 10) -> Iterator[bytes]:
+    def open_blob(
+        self,
+        ref: ImageRef | str,
+        digest: str,
+        *,
+        deadline: float | None = None,
+        chunk_size: int = 256 << 10,
+    ) -> Iterator[bytes]:
         """Stream the whole blob. Broken transfers resume with a Range request; the digest is
         checked at the end and a mismatch raises VerifyError: consumers must not use (commit)
         the data before the iterator is exhausted without error."""
@@ -1284,12 +1495,21 @@ class RegistryClient:
         while True:
             start_offset = offset
 
-            def open_one(ep: Endpoint, repo: str, off: int = start_offset,
-                         until: float = dl) -> requests.Response:
+            def open_one(
+                ep: Endpoint, repo: str, off: int = start_offset, until: float = dl
+            ) -> requests.Response:
                 headers = {"Range": f"bytes={off}-"} if off else {}
-                resp = self._request(ep.host, repo, "GET", f"/v2/{repo}/blobs/{digest}",
-                                     deadline=until, headers=headers, insecure=ep.insecure,
-                                     stream=True, watch=False)
+                resp = self._request(
+                    ep.host,
+                    repo,
+                    "GET",
+                    f"/v2/{repo}/blobs/{digest}",
+                    deadline=until,
+                    headers=headers,
+                    insecure=ep.insecure,
+                    stream=True,
+                    watch=False,
+                )
                 self._check_status(resp, what, ep.host)
                 return resp
 
@@ -1313,13 +1533,19 @@ class RegistryClient:
                         h.update(chunk)
                         offset += len(chunk)
                         yield chunk
-            except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError,
-                    requests.Timeout, urllib3.exceptions.HTTPError) as exc:
+            except (
+                requests.exceptions.ChunkedEncodingError,
+                requests.ConnectionError,
+                requests.Timeout,
+                urllib3.exceptions.HTTPError,
+            ) as exc:
                 if time.monotonic() >= dl:
-                    raise RegistryError(f"{what}: broken off at byte {offset} and out of "
-                                        f"time: {type(exc).__name__}") from None
-                log.info("%s: broken off at byte %d (%s); resuming", what, offset,
-                         type(exc).__name__)
+                    raise RegistryError(
+                        f"{what}: broken off at byte {offset} and out of time: {type(exc).__name__}"
+                    ) from None
+                log.info(
+                    "%s: broken off at byte %d (%s); resuming", what, offset, type(exc).__name__
+                )
                 self.stats.add(retries=1)
                 if offset > start_offset:
                     dl = self._deadline(deadline)  # progress was made: renew the budget
@@ -1327,12 +1553,12 @@ class RegistryClient:
             break
         got = "sha256:" + h.hexdigest()
         if got != digest:
-            raise VerifyError(f"blob {digest} of {r}: content has digest {got} "
-                              f"({offset} bytes); discard it")
+            raise VerifyError(
+                f"blob {digest} of {r}: content has digest {got} ({offset} bytes); discard it"
+            )
 
     # ---- push (tests, demos) ---------------------------------------------------------------
-    def push_blob(self, ref: ImageRef | str, data: bytes, *, deadline: float | None = None
-                  ) -> str:
+    def push_blob(self, ref: ImageRef | str, data: bytes, *, deadline: float | None = None) -> str:
         r = self._ref(ref)
         digest = _sha256(data)
         ep = self.conf.endpoints(r.with_digest(digest))[-1]
@@ -1340,15 +1566,27 @@ class RegistryClient:
         what = f"push blob {digest} to {ep}"
 
         def push() -> str:
-            resp = self._request(ep.host, ep.repository, "HEAD",
-                                 f"/v2/{ep.repository}/blobs/{digest}", deadline=dl,
-                                 actions="pull,push", insecure=ep.insecure)
+            resp = self._request(
+                ep.host,
+                ep.repository,
+                "HEAD",
+                f"/v2/{ep.repository}/blobs/{digest}",
+                deadline=dl,
+                actions="pull,push",
+                insecure=ep.insecure,
+            )
             resp.close()
             if resp.status_code == 200:
                 return digest
-            resp = self._request(ep.host, ep.repository, "POST",
-                                 f"/v2/{ep.repository}/blobs/uploads/", deadline=dl,
-                                 actions="pull,push", insecure=ep.insecure)
+            resp = self._request(
+                ep.host,
+                ep.repository,
+                "POST",
+                f"/v2/{ep.repository}/blobs/uploads/",
+                deadline=dl,
+                actions="pull,push",
+                insecure=ep.insecure,
+            )
             self._check_status(resp, what, ep.host)
             resp.close()
             loc = resp.headers.get("Location", "")
@@ -1359,17 +1597,31 @@ class RegistryClient:
             url += ("&" if "?" in url else "?") + urlencode({"digest": digest})
             parts = urlsplit(url)
             path = parts.path + "?" + parts.query
-            resp = self._request(parts.netloc, ep.repository, "PUT", path, deadline=dl,
-                                 actions="pull,push", insecure=ep.insecure, data=data,
-                                 headers={"Content-Type": "application/octet-stream"})
+            resp = self._request(
+                parts.netloc,
+                ep.repository,
+                "PUT",
+                path,
+                deadline=dl,
+                actions="pull,push",
+                insecure=ep.insecure,
+                data=data,
+                headers={"Content-Type": "application/octet-stream"},
+            )
             self._check_status(resp, what, ep.host)
             resp.close()
             return digest
 
         return self._retrying(what, dl, push)
 
-    def push_manifest(self, ref: ImageRef | str, manifest: bytes, media_type: str, *,
-                      deadline: float | None = None) -> str:
+    def push_manifest(
+        self,
+        ref: ImageRef | str,
+        manifest: bytes,
+        media_type: str,
+        *,
+        deadline: float | None = None,
+    ) -> str:
         r = self._ref(ref)
         digest = _sha256(manifest)
         ep = self.conf.endpoints(r)[-1]
@@ -1378,10 +1630,17 @@ class RegistryClient:
         what = f"push manifest {digest} to {ep}:{tag}"
 
         def push() -> str:
-            resp = self._request(ep.host, ep.repository, "PUT",
-                                 f"/v2/{ep.repository}/manifests/{tag}", deadline=dl,
-                                 actions="pull,push", insecure=ep.insecure, data=manifest,
-                                 headers={"Content-Type": media_type})
+            resp = self._request(
+                ep.host,
+                ep.repository,
+                "PUT",
+                f"/v2/{ep.repository}/manifests/{tag}",
+                deadline=dl,
+                actions="pull,push",
+                insecure=ep.insecure,
+                data=manifest,
+                headers={"Content-Type": media_type},
+            )
             self._check_status(resp, what, ep.host)
             resp.close()
             return digest

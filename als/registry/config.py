@@ -78,8 +78,9 @@ class RegistriesConf:
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | None = None, *, certs_dirs: Sequence[str] | None = None
-             ) -> RegistriesConf:
+    def load(
+        cls, path: str | None = None, *, certs_dirs: Sequence[str] | None = None
+    ) -> RegistriesConf:
         """Load ``path`` and the ``registries.conf.d`` directory next to it.
 
         ``path`` defaults to ``$CONTAINERS_REGISTRIES_CONF`` or /etc/containers/registries.conf;
@@ -148,8 +149,10 @@ class RegistriesConf:
         if entry is None:
             return [Endpoint(_api_host(ref.registry), ref.repository, False, False)]
         if entry.blocked:
-            raise ConfigError(f"registry {ref.registry} is blocked in registries.conf "
-                              f"(prefix {entry.prefix!r}): refusing to pull {ref}")
+            raise ConfigError(
+                f"registry {ref.registry} is blocked in registries.conf "
+                f"(prefix {entry.prefix!r}): refusing to pull {ref}"
+            )
         by_digest = ref.digest is not None
         out: list[Endpoint] = []
         for m in entry.mirrors:
@@ -198,8 +201,10 @@ def _parse_entry(raw: Mapping[str, Any], source: str) -> RegistryEntry:
             raise ConfigError(f"{source}: mirror of {prefix!r} without a location")
         mode = str(m.get("pull-from-mirror", "all") or "all")
         if mode not in PULL_FROM_MIRROR:
-            raise ConfigError(f"{source}: mirror {mloc!r}: pull-from-mirror must be one of "
-                              f"{', '.join(PULL_FROM_MIRROR)}, not {mode!r}")
+            raise ConfigError(
+                f"{source}: mirror {mloc!r}: pull-from-mirror must be one of "
+                f"{', '.join(PULL_FROM_MIRROR)}, not {mode!r}"
+            )
         mirrors.append(Mirror(mloc, bool(m.get("insecure", False)), mode))
     return RegistryEntry(
         prefix=prefix,
@@ -221,10 +226,11 @@ def _match_len(prefix: str, name: str) -> int:
     return -1
 
 
-def _rewrite(prefix: str, location: str, ref: ImageRef, insecure: bool, *, mirror: bool
-             ) -> Endpoint:
+def _rewrite(
+    prefix: str, location: str, ref: ImageRef, insecure: bool, *, mirror: bool
+) -> Endpoint:
     name = ref.name
-    new = name if prefix.startswith("*.") or not location else location + name[len(prefix):]
+    new = name if prefix.startswith("*.") or not location else location + name[len(prefix) :]
     host, _, repo = new.partition("/")
     if not repo:
         raise ConfigError(f"rewriting {name} with location {location!r} leaves no repository")

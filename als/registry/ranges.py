@@ -125,8 +125,9 @@ def parse_multipart_byteranges(body: bytes, boundary: str) -> list[tuple[int, by
         nxt = body.find(delim, data_end)
         if nxt < 0:
             if len(body) - data_end < len(delim) + 4:
-                raise RangeParseError("multipart body ends before its closing boundary",
-                                      truncated=True)
+                raise RangeParseError(
+                    "multipart body ends before its closing boundary", truncated=True
+                )
             raise RangeParseError("multipart part followed by garbage instead of a boundary")
         if body[data_end:nxt].strip(b"\r\n") != b"":
             raise RangeParseError(

@@ -78,8 +78,9 @@ def is_loopback_host(host: str) -> bool:
 def validate_digest(digest: str) -> str:
     """Return ``digest`` if it is a well-formed ``sha256:<64 hex>``, else raise ReferenceError."""
     if not _SHA256_RE.match(digest):
-        raise ReferenceError(f"invalid or unsupported digest {digest[:80]!r} "
-                             "(want sha256:<64 hex>)")
+        raise ReferenceError(
+            f"invalid or unsupported digest {digest[:80]!r} (want sha256:<64 hex>)"
+        )
     return digest
 
 

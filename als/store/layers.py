@@ -835,9 +835,7 @@ class Layer:
                 delay = min(2.0**failures, _BACKGROUND_RETRY_MAX)
                 self.last_error = f"background fetch: {exc or 'timed out'}"
                 self.background = "waiting"
-                log.warning(
-                    "background-retry layer=%s in=%.0fs error=%s", self.digest, delay, exc
-                )
+                log.warning("background-retry layer=%s in=%.0fs error=%s", self.digest, delay, exc)
                 await trio.sleep(delay)
                 continue
             failures = 0
@@ -1454,9 +1452,7 @@ class LayerManager:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "cache": cache,
             "fetched_bytes": self.fetched_bytes,
-            "layers": [
-                layer.status(counts.get(d, 0)) for d, layer in sorted(self.layers.items())
-            ],
+            "layers": [layer.status(counts.get(d, 0)) for d, layer in sorted(self.layers.items())],
         }
 
 

@@ -28,9 +28,18 @@ REPO = Path(__file__).resolve().parents[2]
 def test_chaos_quick(tmp_path: Path) -> None:
     summary_path = tmp_path / "chaos.json"
     p = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "chaos.py"), "--quick",
-         "--summary", str(summary_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "chaos.py"),
+            "--quick",
+            "--summary",
+            str(summary_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
         stdin=subprocess.DEVNULL,
     )
     report = f"\n--- stdout ---\n{p.stdout[-6000:]}\n--- stderr ---\n{p.stderr[-6000:]}"
@@ -39,7 +48,9 @@ def test_chaos_quick(tmp_path: Path) -> None:
     reads = s["reads"]
     assert reads["wrong"] == 0, report
     assert reads["eio_unexplained"] == 0 and reads["other_unexplained"] == 0, (
-        s["problems"], report)
+        s["problems"],
+        report,
+    )
     assert reads["correct"] > 1000, report  # the containers did read, a lot
     daemon = s["daemon"]
     assert daemon["unplanned_crashes"] == 0, report
@@ -47,14 +58,17 @@ def test_chaos_quick(tmp_path: Path) -> None:
     assert daemon["induced_kills"] == 2 and daemon["exit_codes_of_killed"] == [-9, -9], report
     assert daemon.get("exit_status") == 0, report
     assert s["final_checksum"] and all(v["pass"] for v in s["final_checksum"].values()), (
-        s["final_checksum"], report)
+        s["final_checksum"],
+        report,
+    )
     lazy = s["lazy_pull"]
     assert lazy["lazy"] == lazy["layers"] == 6, report
     assert lazy["pull_bytes"] < lazy["blob_bytes"] / 2, report
     assert s["cache"]["evictions"] > 0, report
     # every kind of fault was really applied
     assert {"reset", "status", "stall", "truncate", "corrupt"} <= set(
-        s["proxy"]["faults_applied"]), report
+        s["proxy"]["faults_applied"]
+    ), report
     for restart in s["als_restarts"]:
         assert restart["recover_seconds"] is not None, (restart, report)
     assert "passed" in p.stdout and p.returncode == 0, report

@@ -26,8 +26,6 @@ pytestmark = [needs_fuse, pytest.mark.fuse]
 REF = "registry.test/cache/demo:1"
 
 
-
-
 FILES = {f"srv/data/file{i:02d}.bin": noise(str(i), 40_000 + 7_000 * i) for i in range(24)}
 FILES["srv/big.bin"] = noise("big", 1_500_000)
 

@@ -90,8 +90,10 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRe
     ``TOKEN_USERS`` may push; identity token ``idtok-bob`` refreshes to bob."""
     _need_registry()
     d = tmp_path_factory.mktemp("token-registry")
-    with TokenServer(d / "token", users=TOKEN_USERS, identity_tokens={"idtok-bob": "bob"}) as ts, \
-            RegistryServer(d / "reg", token=ts) as reg:
+    with (
+        TokenServer(d / "token", users=TOKEN_USERS, identity_tokens={"idtok-bob": "bob"}) as ts,
+        RegistryServer(d / "reg", token=ts) as reg,
+    ):
         yield TokenRegistry(reg, ts)
 
 
@@ -105,6 +107,8 @@ class MirrorPair:
 def mirror_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MirrorPair]:
     _need_registry()
     d = tmp_path_factory.mktemp("mirror")
-    with RegistryServer(d / "upstream") as up, \
-            RegistryServer(d / "mirror", proxy_remote=up.url) as mirror:
+    with (
+        RegistryServer(d / "upstream") as up,
+        RegistryServer(d / "mirror", proxy_remote=up.url) as mirror,
+    ):
         yield MirrorPair(up, mirror)

@@ -47,26 +47,31 @@ def test_tls_with_certs_d_ca(tls_registry: TLSRegistry, tls_image: tuple[str, st
 
 def _blob_head(reg: TLSRegistry, digest: str) -> bytes:
     s = reg.server.session()
-    r = s.get(f"{reg.server.url}/v2/tls/app/blobs/{digest}", headers={"Range": "bytes=0-3"},
-              timeout=10)
+    r = s.get(
+        f"{reg.server.url}/v2/tls/app/blobs/{digest}", headers={"Range": "bytes=0-3"}, timeout=10
+    )
     return r.content
 
 
-def test_tls_unknown_ca_is_refused(tls_registry: TLSRegistry, tls_image: tuple[str, str],
-                                   tmp_path: Path) -> None:
+def test_tls_unknown_ca_is_refused(
+    tls_registry: TLSRegistry, tls_image: tuple[str, str], tmp_path: Path
+) -> None:
     ref, _ = tls_image
     # Not loopback-by-name fallback to http either: the server only speaks TLS.
-    with RegistryClient(registries_conf=_conf(tmp_path / "empty-certs.d"),
-                        max_retry_time=3) as c, \
-            pytest.raises(RegistryError, match=r"(?i)certificate|TLS"):
+    with (
+        RegistryClient(registries_conf=_conf(tmp_path / "empty-certs.d"), max_retry_time=3) as c,
+        pytest.raises(RegistryError, match=r"(?i)certificate|TLS"),
+    ):
         c.resolve(ref)
 
 
-def test_tls_insecure_skips_verification(tls_registry: TLSRegistry, tls_image: tuple[str, str],
-                                         tmp_path: Path) -> None:
+def test_tls_insecure_skips_verification(
+    tls_registry: TLSRegistry, tls_image: tuple[str, str], tmp_path: Path
+) -> None:
     ref, _ = tls_image
-    conf = _conf(tmp_path, f'[[registry]]\nlocation = "{tls_registry.server.host}"\n'
-                 "insecure = true\n")
+    conf = _conf(
+        tmp_path, f'[[registry]]\nlocation = "{tls_registry.server.host}"\ninsecure = true\n'
+    )
     with RegistryClient(registries_conf=conf) as c:
         assert c.resolve(ref).layers
 
@@ -81,9 +86,9 @@ def basic_image(basic_registry: TLSRegistry) -> tuple[str, str]:
     return f"{basic_registry.server.host}/private/app:v1", layer.digest
 
 
-def test_basic_auth_runtime_credentials(basic_registry: TLSRegistry,
-                                        basic_image: tuple[str, str],
-                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_basic_auth_runtime_credentials(
+    basic_registry: TLSRegistry, basic_image: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     ref, digest = basic_image
     creds = CredentialStore()
@@ -96,53 +101,71 @@ def test_basic_auth_runtime_credentials(basic_registry: TLSRegistry,
     assert ALICE_PW not in repr(creds)
 
 
-def test_basic_auth_without_or_with_wrong_credentials(basic_registry: TLSRegistry,
-                                                      basic_image: tuple[str, str],
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_basic_auth_without_or_with_wrong_credentials(
+    basic_registry: TLSRegistry, basic_image: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     ref, _ = basic_image
-    with RegistryClient(registries_conf=_conf(basic_registry.certs_d), max_retry_time=3) as c, \
-            pytest.raises(AuthError, match="credentials"):
+    with (
+        RegistryClient(registries_conf=_conf(basic_registry.certs_d), max_retry_time=3) as c,
+        pytest.raises(AuthError, match="credentials"),
+    ):
         c.resolve(ref)
     bad = CredentialStore()
     wrong = "wrong-Pa55word-xyz"
     bad.set(basic_registry.server.host, "alice", wrong)
-    with RegistryClient(registries_conf=_conf(basic_registry.certs_d), credentials=bad,
-                        max_retry_time=3) as c, pytest.raises(AuthError) as info:
+    with (
+        RegistryClient(
+            registries_conf=_conf(basic_registry.certs_d), credentials=bad, max_retry_time=3
+        ) as c,
+        pytest.raises(AuthError) as info,
+    ):
         c.resolve(ref)
     assert wrong not in str(info.value)
     assert wrong not in caplog.text
 
 
-def test_auth_file_most_specific_key(basic_registry: TLSRegistry, basic_image: tuple[str, str],
-                                     tmp_path: Path) -> None:
+def test_auth_file_most_specific_key(
+    basic_registry: TLSRegistry, basic_image: tuple[str, str], tmp_path: Path
+) -> None:
     ref, digest = basic_image
     host = basic_registry.server.host
 
     def enc(u: str, p: str) -> str:
         return base64.b64encode(f"{u}:{p}".encode()).decode()
 
-    auth = {"auths": {host: {"auth": enc("alice", "not-this-one")},
-                      f"{host}/private": {"auth": enc("alice", ALICE_PW)},
-                      f"{host}/other": {"auth": enc("alice", "nor-this")}}}
+    auth = {
+        "auths": {
+            host: {"auth": enc("alice", "not-this-one")},
+            f"{host}/private": {"auth": enc("alice", ALICE_PW)},
+            f"{host}/other": {"auth": enc("alice", "nor-this")},
+        }
+    }
     path = tmp_path / "auth.json"
     path.write_text(json.dumps(auth))
-    with RegistryClient(registries_conf=_conf(basic_registry.certs_d),
-                        credentials=CredentialStore.from_file(str(path))) as c:
+    with RegistryClient(
+        registries_conf=_conf(basic_registry.certs_d),
+        credentials=CredentialStore.from_file(str(path)),
+    ) as c:
         assert c.resolve(ref).layers[0].digest == digest
 
 
-def test_default_files_and_credential_helper(basic_registry: TLSRegistry,
-                                             basic_image: tuple[str, str], tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_files_and_credential_helper(
+    basic_registry: TLSRegistry,
+    basic_image: tuple[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     ref, digest = basic_image
     host = basic_registry.server.host
     bindir = tmp_path / "bin"
     bindir.mkdir()
     helper = bindir / "docker-credential-alstest"
-    helper.write_text("#!/bin/sh\nread server\n"
-                      f'[ "$server" = "{host}" ] || {{ echo "credentials not found"; exit 1; }}\n'
-                      f"echo '{json.dumps({'Username': 'alice', 'Secret': ALICE_PW})}'\n")
+    helper.write_text(
+        "#!/bin/sh\nread server\n"
+        f'[ "$server" = "{host}" ] || {{ echo "credentials not found"; exit 1; }}\n'
+        f"echo '{json.dumps({'Username': 'alice', 'Secret': ALICE_PW})}'\n"
+    )
     helper.chmod(helper.stat().st_mode | stat.S_IEXEC)
     docker = tmp_path / "docker"
     docker.mkdir()
@@ -152,8 +175,10 @@ def test_default_files_and_credential_helper(basic_registry: TLSRegistry,
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
-    with RegistryClient(registries_conf=_conf(basic_registry.certs_d),
-                        credentials=CredentialStore.from_default_files()) as c:
+    with RegistryClient(
+        registries_conf=_conf(basic_registry.certs_d),
+        credentials=CredentialStore.from_default_files(),
+    ) as c:
         assert c.resolve(ref).layers[0].digest == digest
 
 
@@ -161,9 +186,14 @@ def test_auth_helper_payload(basic_registry: TLSRegistry, basic_image: tuple[str
     ref, digest = basic_image
     creds = CredentialStore()
     # What podman's additional-layer-store-auth-helper sends: keyed by repo:tag.
-    n = creds.set_from_auth_helper_json({
-        f"{basic_registry.server.host}/private/app:v1": {"username": "alice",
-                                                         "password": ALICE_PW}})
+    n = creds.set_from_auth_helper_json(
+        {
+            f"{basic_registry.server.host}/private/app:v1": {
+                "username": "alice",
+                "password": ALICE_PW,
+            }
+        }
+    )
     assert n == 1
     with RegistryClient(registries_conf=_conf(basic_registry.certs_d), credentials=creds) as c:
         assert c.resolve(ref).layers[0].digest == digest
@@ -181,8 +211,9 @@ def token_image(token_registry: TokenRegistry) -> tuple[str, str]:
     return f"{token_registry.server.host}/tok/app:v1", layer.digest
 
 
-def test_anonymous_token_is_cached(token_registry: TokenRegistry,
-                                   token_image: tuple[str, str]) -> None:
+def test_anonymous_token_is_cached(
+    token_registry: TokenRegistry, token_image: tuple[str, str]
+) -> None:
     ref, digest = token_image
     before = len(token_registry.token.requests)
     with RegistryClient() as c:
@@ -194,8 +225,7 @@ def test_anonymous_token_is_cached(token_registry: TokenRegistry,
     assert reqs[0].user is None and reqs[0].scopes == ["repository:tok/app:pull"]
 
 
-def test_token_refresh_on_401(token_registry: TokenRegistry,
-                              token_image: tuple[str, str]) -> None:
+def test_token_refresh_on_401(token_registry: TokenRegistry, token_image: tuple[str, str]) -> None:
     ref, digest = token_image
     before = len(token_registry.token.requests)
     with RegistryClient() as c:
@@ -207,8 +237,9 @@ def test_token_refresh_on_401(token_registry: TokenRegistry,
     assert len(token_registry.token.requests) - before == 2
 
 
-def test_token_with_credentials_and_push(token_registry: TokenRegistry,
-                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_token_with_credentials_and_push(
+    token_registry: TokenRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     host = token_registry.server.host
     creds = CredentialStore()
@@ -234,21 +265,25 @@ def test_identity_token(token_registry: TokenRegistry, token_image: tuple[str, s
     assert any(r.method == "POST" and r.user == "bob" for r in token_registry.token.requests)
 
 
-def test_wrong_token_credentials(token_registry: TokenRegistry, token_image: tuple[str, str],
-                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_wrong_token_credentials(
+    token_registry: TokenRegistry, token_image: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     ref, _ = token_image
     creds = CredentialStore()
     wrong = "definitely-Wrong-pw-123"
     creds.set(token_registry.server.host, "bob", wrong)
-    with RegistryClient(credentials=creds, max_retry_time=3) as c, \
-            pytest.raises(AuthError, match="refused") as info:
+    with (
+        RegistryClient(credentials=creds, max_retry_time=3) as c,
+        pytest.raises(AuthError, match="refused") as info,
+    ):
         c.resolve(ref)
     assert wrong not in str(info.value) and wrong not in caplog.text
 
 
-def test_token_server_hiccup_is_retried(token_registry: TokenRegistry,
-                                        token_image: tuple[str, str]) -> None:
+def test_token_server_hiccup_is_retried(
+    token_registry: TokenRegistry, token_image: tuple[str, str]
+) -> None:
     ref, digest = token_image
     token_registry.token.fail_next.extend([503, 500])
     with RegistryClient(backoff_base=0.01) as c:
@@ -260,8 +295,11 @@ def test_registry_token_direct_check(token_registry: TokenRegistry) -> None:
     """The test token server's JWTs are accepted by distribution itself."""
     ts = token_registry.token
     tok = ts.issue(None, ["repository:tok/app:pull"])
-    r = requests.get(f"{token_registry.server.url}/v2/tok/app/tags/list",
-                     headers={"Authorization": f"Bearer {tok}"}, timeout=10)
+    r = requests.get(
+        f"{token_registry.server.url}/v2/tok/app/tags/list",
+        headers={"Authorization": f"Bearer {tok}"},
+        timeout=10,
+    )
     assert r.status_code in (200, 404)
 
 
@@ -277,8 +315,10 @@ def test_mutual_tls_client_certificate(tmp_path: Path) -> None:
         ref = f"{reg.host}/mtls/app:v1"
         only_ca = tmp_path / "only-ca"
         tls.write_certs_d(only_ca, reg.host)
-        with RegistryClient(registries_conf=_conf(only_ca), max_retry_time=2) as c, \
-                pytest.raises(RegistryError):
+        with (
+            RegistryClient(registries_conf=_conf(only_ca), max_retry_time=2) as c,
+            pytest.raises(RegistryError),
+        ):
             c.resolve(ref)
         with_client = tmp_path / "with-client"
         tls.write_certs_d(with_client, reg.host, client_cert=True)

@@ -20,9 +20,11 @@ layers_mod = pytest.importorskip("tests.support.layers")
 @pytest.fixture(scope="module")
 def mixed_image(registry: RegistryServer) -> tuple[str, list[Any]]:
     files = {"etc/os-release": b"ID=test\n", "usr/bin/tool": os.urandom(50_000)}
-    layers = [layers_mod.make_layer(files, "estargz"),
-              layers_mod.make_layer(files, "zstd-chunked"),
-              make_tar_layer({"plain.txt": b"plain gzip\n"})]
+    layers = [
+        layers_mod.make_layer(files, "estargz"),
+        layers_mod.make_layer(files, "zstd-chunked"),
+        make_tar_layer({"plain.txt": b"plain gzip\n"}),
+    ]
     push_image(registry, "cli/mixed", "v1", layers)
     return f"{registry.host}/cli/mixed:v1", layers
 
@@ -32,8 +34,9 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     return rc, capsys.readouterr().out
 
 
-def test_inspect_json(mixed_image: tuple[str, list[Any]], tmp_path: Path,
-                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_json(
+    mixed_image: tuple[str, list[Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ref, layers = mixed_image
     empty = tmp_path / "registries.conf"
     empty.write_text("")
@@ -48,8 +51,9 @@ def test_inspect_json(mixed_image: tuple[str, list[Any]], tmp_path: Path,
     assert [g["diff_id"] for g in got] == [la.diff_id for la in layers]
 
 
-def test_inspect_probe_text(mixed_image: tuple[str, list[Any]], tmp_path: Path,
-                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_probe_text(
+    mixed_image: tuple[str, list[Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ref, layers = mixed_image
     empty = tmp_path / "registries.conf"
     empty.write_text("")
@@ -62,8 +66,9 @@ def test_inspect_probe_text(mixed_image: tuple[str, list[Any]], tmp_path: Path,
     assert layers[1].toc_digest in out
 
 
-def test_inspect_missing_image(registry: RegistryServer, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_missing_image(
+    registry: RegistryServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     empty = tmp_path / "registries.conf"
     empty.write_text("")
     rc = main(["inspect", f"{registry.host}/cli/nothing:here", "--registries-conf", str(empty)])

@@ -39,8 +39,9 @@ def image(registry: RegistryServer) -> tuple[str, list[SimpleLayer], str]:
     return f"{registry.host}/client/app:v1", layers, digest
 
 
-def test_resolve_by_tag_and_digest(registry: RegistryServer,
-                                   image: tuple[str, list[SimpleLayer], str]) -> None:
+def test_resolve_by_tag_and_digest(
+    registry: RegistryServer, image: tuple[str, list[SimpleLayer], str]
+) -> None:
     ref, layers, digest = image
     with RegistryClient() as c:
         img = c.resolve(ref)
@@ -56,15 +57,26 @@ def test_resolve_by_tag_and_digest(registry: RegistryServer,
 
 
 def test_resolve_index_selects_platform(registry: RegistryServer) -> None:
-    amd = push_image_full(registry, "client/multi", None, [_random_layer(1000, 3)],
-                          os_="linux", arch="amd64")
-    arm = push_image_full(registry, "client/multi", None, [_random_layer(1000, 4)],
-                          os_="linux", arch="arm64", variant="v8")
-    push_index(registry, "client/multi", "latest", [(amd, "linux/amd64"),
-                                                    (arm, "linux/arm64/v8")])
-    push_index(registry, "client/multi", "dockerlist", [(amd, "linux/amd64"),
-                                                        (arm, "linux/arm64/v8")],
-               docker_media_types=True)
+    amd = push_image_full(
+        registry, "client/multi", None, [_random_layer(1000, 3)], os_="linux", arch="amd64"
+    )
+    arm = push_image_full(
+        registry,
+        "client/multi",
+        None,
+        [_random_layer(1000, 4)],
+        os_="linux",
+        arch="arm64",
+        variant="v8",
+    )
+    push_index(registry, "client/multi", "latest", [(amd, "linux/amd64"), (arm, "linux/arm64/v8")])
+    push_index(
+        registry,
+        "client/multi",
+        "dockerlist",
+        [(amd, "linux/amd64"), (arm, "linux/arm64/v8")],
+        docker_media_types=True,
+    )
     with RegistryClient() as c:
         for tag in ("latest", "dockerlist"):
             a = c.resolve(f"{registry.host}/client/multi:{tag}", platform="linux/amd64")
@@ -88,16 +100,18 @@ def test_docker_media_types(registry: RegistryServer) -> None:
         assert img.layers[0].diff_id == layer.diff_id
 
 
-def test_pull_by_wrong_digest_is_an_error(registry: RegistryServer,
-                                          image: tuple[str, list[SimpleLayer], str]) -> None:
+def test_pull_by_wrong_digest_is_an_error(
+    registry: RegistryServer, image: tuple[str, list[SimpleLayer], str]
+) -> None:
     with RegistryClient(max_retry_time=2) as c:
         missing = "sha256:" + "0" * 64
         with pytest.raises(NotFound):
             c.resolve(f"{registry.host}/client/app@{missing}")
 
 
-def test_fetch_ranges_single_and_multi(registry: RegistryServer,
-                                       image: tuple[str, list[SimpleLayer], str]) -> None:
+def test_fetch_ranges_single_and_multi(
+    registry: RegistryServer, image: tuple[str, list[SimpleLayer], str]
+) -> None:
     ref, layers, _ = image
     blob = layers[0].blob
     rnd = random.Random(7)
@@ -106,7 +120,7 @@ def test_fetch_ranges_single_and_multi(registry: RegistryServer,
     mark = registry.mark()
     with RegistryClient(coalesce_gap=0) as c:
         got = c.fetch_ranges(ref, layers[0].digest, ranges)
-        assert got == [blob[o:o + n] for o, n in ranges]
+        assert got == [blob[o : o + n] for o, n in ranges]
         assert c.stats.multirange_requests >= 1
     entries = registry.blob_requests(layers[0].digest, since=mark)
     # 40 random ranges in batches of at most 32 per request: a couple of requests, not 40.
@@ -115,40 +129,44 @@ def test_fetch_ranges_single_and_multi(registry: RegistryServer,
     assert sum(e.bytes_sent for e in entries) < len(blob)
 
 
-def test_coalescing_reduces_requests(registry: RegistryServer,
-                                     image: tuple[str, list[SimpleLayer], str]) -> None:
+def test_coalescing_reduces_requests(
+    registry: RegistryServer, image: tuple[str, list[SimpleLayer], str]
+) -> None:
     ref, layers, _ = image
     blob = layers[0].blob
     ranges = [(i * 1000, 100) for i in range(50)]
     mark = registry.mark()
     with RegistryClient(coalesce_gap=4096, multirange=False) as c:
-        assert c.fetch_ranges(ref, layers[0].digest, ranges) == [blob[o:o + n] for o, n in ranges]
+        assert c.fetch_ranges(ref, layers[0].digest, ranges) == [blob[o : o + n] for o, n in ranges]
     entries = registry.blob_requests(layers[0].digest, since=mark)
     assert len(entries) == 1
     assert entries[0].bytes_sent == 49 * 1000 + 100
 
 
-def test_single_range_mode(registry: RegistryServer,
-                           image: tuple[str, list[SimpleLayer], str]) -> None:
+def test_single_range_mode(
+    registry: RegistryServer, image: tuple[str, list[SimpleLayer], str]
+) -> None:
     ref, layers, _ = image
     blob = layers[1].blob
     ranges = [(0, 10), (20_000, 10), (40_000, 10)]
     mark = registry.mark()
     with RegistryClient(coalesce_gap=0, multirange=False) as c:
-        assert c.fetch_ranges(ref, layers[1].digest, ranges) == [blob[o:o + n] for o, n in ranges]
+        assert c.fetch_ranges(ref, layers[1].digest, ranges) == [blob[o : o + n] for o, n in ranges]
     entries = registry.blob_requests(layers[1].digest, since=mark)
     assert [e.bytes_sent for e in entries] == [10, 10, 10]
 
 
-def test_range_beyond_blob_is_an_error(registry: RegistryServer,
-                                       image: tuple[str, list[SimpleLayer], str]) -> None:
+def test_range_beyond_blob_is_an_error(
+    registry: RegistryServer, image: tuple[str, list[SimpleLayer], str]
+) -> None:
     ref, layers, _ = image
     with RegistryClient(max_retry_time=2) as c, pytest.raises(RegistryError, match=r"416|satisf"):
         c.fetch_ranges(ref, layers[1].digest, [(layers[1].size + 10, 5)])
 
 
-def test_open_blob_and_blob_size(registry: RegistryServer,
-                                 image: tuple[str, list[SimpleLayer], str]) -> None:
+def test_open_blob_and_blob_size(
+    registry: RegistryServer, image: tuple[str, list[SimpleLayer], str]
+) -> None:
     ref, layers, _ = image
     with RegistryClient() as c:
         data = b"".join(c.open_blob(ref, layers[0].digest, chunk_size=4096))
@@ -182,19 +200,21 @@ def test_cross_repository_fallback(registry: RegistryServer) -> None:
         fresh.fetch_ranges(f"{registry.host}/cross/two:v1", layer.digest, [(5, 50)])
 
 
-def test_concurrent_threads_share_one_client(registry: RegistryServer,
-                                             image: tuple[str, list[SimpleLayer], str]) -> None:
+def test_concurrent_threads_share_one_client(
+    registry: RegistryServer, image: tuple[str, list[SimpleLayer], str]
+) -> None:
     ref, layers, _ = image
     blob = layers[0].blob
     errors: list[BaseException] = []
     with RegistryClient() as c:
+
         def work(seed: int) -> None:
             rnd = random.Random(seed)
             try:
                 for _ in range(10):
                     off = rnd.randrange(0, len(blob) - 1000)
                     [got] = c.fetch_ranges(ref, layers[0].digest, [(off, 1000)])
-                    assert got == blob[off:off + 1000]
+                    assert got == blob[off : off + 1000]
             except BaseException as exc:  # collected and re-raised in the main thread
                 errors.append(exc)
 

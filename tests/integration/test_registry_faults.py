@@ -53,8 +53,12 @@ def fp(setup: Setup) -> Iterator[Setup]:
 
 
 def _client(**kw: float) -> RegistryClient:
-    opts: dict[str, float] = {"backoff_base": 0.01, "backoff_cap": 0.1, "max_retry_time": 10,
-                              "read_timeout": 5}
+    opts: dict[str, float] = {
+        "backoff_base": 0.01,
+        "backoff_cap": 0.1,
+        "max_retry_time": 10,
+        "read_timeout": 5,
+    }
     opts.update(kw)
     return RegistryClient(**opts)  # type: ignore[arg-type]
 
@@ -67,17 +71,16 @@ def _ranges(layer: SimpleLayer) -> list[tuple[int, int]]:
 
 
 def _expect(layer: SimpleLayer, ranges: list[tuple[int, int]]) -> list[bytes]:
-    return [layer.blob[o:o + n] for o, n in ranges]
+    return [layer.blob[o : o + n] for o, n in ranges]
 
 
-@pytest.mark.parametrize(("status", "retry_after"), [(503, "1"), (429, "1"), (500, None),
-                                                     (502, None)])
-def test_transient_statuses_are_retried(fp: Setup, status: int, retry_after: str | None
-                                        ) -> None:
+@pytest.mark.parametrize(
+    ("status", "retry_after"), [(503, "1"), (429, "1"), (500, None), (502, None)]
+)
+def test_transient_statuses_are_retried(fp: Setup, status: int, retry_after: str | None) -> None:
     with _client(coalesce_gap=0) as c:
         c.resolve(fp.ref)
-        fp.proxy.add(Fault("status", match=BLOB, status=status, retry_after=retry_after,
-                           times=2))
+        fp.proxy.add(Fault("status", match=BLOB, status=status, retry_after=retry_after, times=2))
         t0 = time.monotonic()
         got = c.fetch_ranges(fp.ref, fp.layer.digest, _ranges(fp.layer))
         elapsed = time.monotonic() - t0
@@ -101,8 +104,9 @@ def test_broken_bodies_are_retried(fp: Setup, kind: str) -> None:
     with _client(coalesce_gap=0) as c:
         c.resolve(fp.ref)
         fp.proxy.add(Fault(kind, match=BLOB, after_bytes=1000, times=2))
-        assert c.fetch_ranges(fp.ref, fp.layer.digest, _ranges(fp.layer)) == \
-            _expect(fp.layer, _ranges(fp.layer))
+        assert c.fetch_ranges(fp.ref, fp.layer.digest, _ranges(fp.layer)) == _expect(
+            fp.layer, _ranges(fp.layer)
+        )
         assert c.stats.retries == 2
 
 
@@ -158,8 +162,7 @@ def test_wrong_bytes_in_manifest_config_and_blob_are_errors(fp: Setup) -> None:
         # Range bytes are not verified here: the format layer checks each chunk's digest, and
         # wrong bytes fail that check.
         [got] = fresh.fetch_ranges(fp.ref, fp.layer.digest, [(12000, 1000)])
-        assert hashlib.sha256(got).digest() != hashlib.sha256(
-            fp.layer.blob[12000:13000]).digest()
+        assert hashlib.sha256(got).digest() != hashlib.sha256(fp.layer.blob[12000:13000]).digest()
 
 
 def test_open_blob_resumes_after_reset(fp: Setup) -> None:
@@ -175,8 +178,9 @@ def test_open_blob_resumes_after_reset(fp: Setup) -> None:
 def test_registry_ignoring_range(fp: Setup) -> None:
     with _client(coalesce_gap=0) as c:
         fp.proxy.add(Fault("ignore_range", match=BLOB, times=None))
-        assert c.fetch_ranges(fp.ref, fp.layer.digest, _ranges(fp.layer)) == \
-            _expect(fp.layer, _ranges(fp.layer))
+        assert c.fetch_ranges(fp.ref, fp.layer.digest, _ranges(fp.layer)) == _expect(
+            fp.layer, _ranges(fp.layer)
+        )
     assert {r.status for r in fp.proxy.requests_for(BLOB)} == {200}
 
 
@@ -214,8 +218,8 @@ def token_proxy(token_registry: TokenRegistry) -> Iterator[tuple[FaultProxy, str
 
 
 def test_redirect_does_not_forward_authorization(
-        token_proxy: tuple[FaultProxy, str, SimpleLayer],
-        caplog: pytest.LogCaptureFixture) -> None:
+    token_proxy: tuple[FaultProxy, str, SimpleLayer], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     proxy, ref, layer = token_proxy
     proxy.reset_records()
@@ -224,8 +228,9 @@ def test_redirect_does_not_forward_authorization(
         with _client(coalesce_gap=0) as c:
             c.resolve(ref)
             for off in (0, 5000, 50_000):
-                assert c.fetch_ranges(ref, layer.digest, [(off, 100)]) == \
-                    [layer.blob[off:off + 100]]
+                assert c.fetch_ranges(ref, layer.digest, [(off, 100)]) == [
+                    layer.blob[off : off + 100]
+                ]
             assert b"".join(c.open_blob(ref, layer.digest)) == layer.blob
     finally:
         proxy.clear()
@@ -246,16 +251,18 @@ def test_expired_redirect_is_refreshed(token_proxy: tuple[FaultProxy, str, Simpl
     try:
         with _client(coalesce_gap=0) as c:
             for off in (0, 1000, 2000):
-                assert c.fetch_ranges(ref, layer.digest, [(off, 10)]) == \
-                    [layer.blob[off:off + 10]]
+                assert c.fetch_ranges(ref, layer.digest, [(off, 10)]) == [
+                    layer.blob[off : off + 10]
+                ]
     finally:
         proxy.clear()
     redirected = [r.status for r in proxy.records if r.listener == "redirect"]
     assert 403 in redirected and redirected.count(206) == 3
 
 
-def test_http_proxy_from_environment(fp: Setup, registry: RegistryServer,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_http_proxy_from_environment(
+    fp: Setup, registry: RegistryServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for k in ("HTTP_PROXY", "http_proxy"):
         monkeypatch.setenv(k, fp.proxy.url)
     for k in ("NO_PROXY", "no_proxy"):

@@ -47,14 +47,21 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-CONFIG = json.dumps({"architecture": "amd64", "os": "linux",
-                     "rootfs": {"type": "layers", "diff_ids": []}}).encode()
-MANIFEST = json.dumps({
-    "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-               "digest": _sha(CONFIG), "size": len(CONFIG)},
-    "layers": [],
-}).encode()
+CONFIG = json.dumps(
+    {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+).encode()
+MANIFEST = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": _sha(CONFIG),
+            "size": len(CONFIG),
+        },
+        "layers": [],
+    }
+).encode()
 BLOB = bytes(random.Random(7).randbytes(1000))
 BLOB_DIGEST = _sha(BLOB)
 
@@ -75,7 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         self.server.owner.seen.append(
-            Seen(self.command, self.path, self.headers.get("Authorization")))
+            Seen(self.command, self.path, self.headers.get("Authorization"))
+        )
         for rx, fn in self.server.owner.routes:
             if rx.search(f"{self.command} {self.path}"):
                 try:
@@ -90,8 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_POST = _dispatch
 
-    def answer(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None
-               ) -> None:
+    def answer(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         hdrs = {"Content-Length": str(len(body)), **(headers or {})}
         for k, v in hdrs.items():
@@ -176,15 +183,21 @@ def authfile(tmp_path: Path, srv: Hostile) -> str:
 
 
 def _client(authfile: str | None = None, **kw: Any) -> RegistryClient:
-    opts: dict[str, Any] = {"connect_timeout": 1.0, "read_timeout": 1.0, "max_retry_time": 2.0,
-                            "backoff_base": 0.01, "backoff_cap": 0.05}
+    opts: dict[str, Any] = {
+        "connect_timeout": 1.0,
+        "read_timeout": 1.0,
+        "max_retry_time": 2.0,
+        "backoff_base": 0.01,
+        "backoff_cap": 0.05,
+    }
     opts.update(kw)
     creds = CredentialStore([authfile]) if authfile else CredentialStore([])
     return RegistryClient(credentials=creds, **opts)
 
 
-def _fails(fn: Callable[[], object], exc: type[Exception] = RegistryError,
-           within: float = 5.0) -> AlsError:
+def _fails(
+    fn: Callable[[], object], exc: type[Exception] = RegistryError, within: float = 5.0
+) -> AlsError:
     t = time.monotonic()
     with pytest.raises(exc) as e:
         fn()
@@ -197,8 +210,12 @@ def _fails(fn: Callable[[], object], exc: type[Exception] = RegistryError,
 
 
 def _serve_image(srv: Hostile) -> None:
-    srv.route(rf"GET /v2/{REPO}/manifests/", lambda h: h.answer(
-        200, MANIFEST, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}))
+    srv.route(
+        rf"GET /v2/{REPO}/manifests/",
+        lambda h: h.answer(
+            200, MANIFEST, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+        ),
+    )
     srv.route(rf"GET /v2/{REPO}/blobs/{_sha(CONFIG)}", lambda h: h.answer(200, CONFIG))
 
 
@@ -227,8 +244,9 @@ def _big_chunked(h: _Handler) -> None:
     h.forever(b"10000\r\n" + b" " * 65536 + b"\r\n", 0.0)
 
 
-@pytest.mark.parametrize("responder", [_big_with_length, _big_chunked],
-                         ids=["content-length", "chunked-endless"])
+@pytest.mark.parametrize(
+    "responder", [_big_with_length, _big_chunked], ids=["content-length", "chunked-endless"]
+)
 def test_oversized_manifest_is_refused(srv: Hostile, responder: Responder) -> None:
     srv.route(rf"GET /v2/{REPO}/manifests/", responder)
     with _client() as c:
@@ -247,9 +265,17 @@ def test_manifest_bytes_must_match_the_digest_asked_for(srv: Hostile) -> None:
 
 
 def test_manifest_digest_header_must_match_the_body(srv: Hostile) -> None:
-    srv.route(rf"GET /v2/{REPO}/manifests/", lambda h: h.answer(
-        200, MANIFEST, {"Docker-Content-Digest": _sha(b"other"),
-                        "Content-Type": "application/vnd.oci.image.manifest.v1+json"}))
+    srv.route(
+        rf"GET /v2/{REPO}/manifests/",
+        lambda h: h.answer(
+            200,
+            MANIFEST,
+            {
+                "Docker-Content-Digest": _sha(b"other"),
+                "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+            },
+        ),
+    )
     with _client() as c:
         err = _fails(lambda: c.resolve(f"{srv.host}/{REPO}:v1"), VerifyError)
     assert srv.host in str(err)
@@ -259,8 +285,9 @@ def test_real_registry_manifest_corrupted_in_transit(registry: RegistryServer) -
     layer = make_tar_layer({"a": b"x" * 1000})
     digest = push_image(registry, "hostile/real", "v1", [layer])
     with FaultProxy(registry.url) as proxy:
-        proxy.add(Fault("corrupt", match=r"GET /v2/hostile/real/manifests/", corrupt_at=10,
-                        times=None))
+        proxy.add(
+            Fault("corrupt", match=r"GET /v2/hostile/real/manifests/", corrupt_at=10, times=None)
+        )
         with _client() as c:
             err = _fails(lambda: c.resolve(f"{proxy.host}/hostile/real@{digest}"), VerifyError)
         assert digest in str(err) and proxy.host in str(err)
@@ -286,15 +313,23 @@ def test_redirect_loop_is_bounded(srv: Hostile) -> None:
     assert len([s for s in srv.seen if s.path.startswith("/loop/")]) == MAX_REDIRECTS
 
 
-@pytest.mark.parametrize("location", [
-    "file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1:70/_x", "data:,hello",
-    "javascript:alert(1)", "unix:///run/docker.sock",
-])
+@pytest.mark.parametrize(
+    "location",
+    [
+        "file:///etc/passwd",
+        "ftp://127.0.0.1/x",
+        "gopher://127.0.0.1:70/_x",
+        "data:,hello",
+        "javascript:alert(1)",
+        "unix:///run/docker.sock",
+    ],
+)
 def test_redirect_to_another_scheme_is_refused(srv: Hostile, location: str) -> None:
     srv.route(rf"GET /v2/{REPO}/blobs/", _redirect(location))
     with _client() as c:
-        err = _fails(lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(0, 10)]),
-                     within=3.0)
+        err = _fails(
+            lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(0, 10)]), within=3.0
+        )
     scheme = location.split(":", maxsplit=1)[0]
     assert f"{scheme}:" in str(err) and srv.host in str(err)
     assert len([s for s in srv.seen if "/blobs/" in s.path]) == 1  # refused, not retried
@@ -334,11 +369,13 @@ def metadata_dns(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("location", METADATA)
 def test_redirect_to_link_local_is_refused_without_connecting(
-        srv: Hostile, metadata_dns: None, location: str) -> None:
+    srv: Hostile, metadata_dns: None, location: str
+) -> None:
     srv.route(rf"GET /v2/{REPO}/blobs/", _redirect(location))
     with _client() as c:
-        err = _fails(lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(0, 10)]),
-                     within=3.0)
+        err = _fails(
+            lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(0, 10)]), within=3.0
+        )
         assert set(c.stats.per_host) == {srv.host}  # nothing was sent anywhere else
     assert "link-local" in str(err) and "refusing to connect" in str(err)
     assert "security-credentials" not in str(err)
@@ -346,34 +383,63 @@ def test_redirect_to_link_local_is_refused_without_connecting(
 
 @pytest.mark.parametrize("host", ["169.254.169.254", "[fd00:ec2::254]", "metadata.hostile.test"])
 def test_registry_or_token_realm_at_link_local_is_refused(
-        srv: Hostile, metadata_dns: None, host: str) -> None:
+    srv: Hostile, metadata_dns: None, host: str
+) -> None:
     with _client() as c:
         err = _fails(lambda: c.resolve(f"{host}/{REPO}:v1"), within=3.0)
         assert "link-local" in str(err) and c.stats.requests == 0
-    srv.route(r"GET /v2/", lambda h: h.answer(401, b"", {
-        "WWW-Authenticate": f'Bearer realm="http://{host}/token",service="x"'}))
+    srv.route(
+        r"GET /v2/",
+        lambda h: h.answer(
+            401, b"", {"WWW-Authenticate": f'Bearer realm="http://{host}/token",service="x"'}
+        ),
+    )
     with _client() as c:
         err = _fails(lambda: c.resolve(f"{srv.host}/{REPO}:v1"), within=3.0)
         assert "link-local" in str(err) and set(c.stats.per_host) == {srv.host}
 
 
 def test_blocked_address_forms() -> None:
-    for a in ("169.254.169.254", "169.254.0.1", "fe80::1", "fe80::1%eth0", "fd00:ec2::254",
-              "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe"):
+    for a in (
+        "169.254.169.254",
+        "169.254.0.1",
+        "fe80::1",
+        "fe80::1%eth0",
+        "fd00:ec2::254",
+        "::ffff:169.254.169.254",
+        "64:ff9b::a9fe:a9fe",
+    ):
         assert blocked_address(a), a
-    for a in ("127.0.0.1", "10.0.0.1", "169.253.255.255", "169.255.0.0", "::1", "fd00:ec2::253",
-              "2001:db8::1", "registry.example", ""):
+    for a in (
+        "127.0.0.1",
+        "10.0.0.1",
+        "169.253.255.255",
+        "169.255.0.0",
+        "::1",
+        "fd00:ec2::253",
+        "2001:db8::1",
+        "registry.example",
+        "",
+    ):
         assert not blocked_address(a), a
 
 
-def test_credentials_are_not_sent_across_a_redirect(srv: Hostile, other: Hostile,
-                                                    authfile: str) -> None:
-    srv.route(r"GET /v2/", lambda h: h.answer(
-        200 if h.headers.get("Authorization") else 401, b"{}",
-        {"WWW-Authenticate": 'Basic realm="hostile"'}))
+def test_credentials_are_not_sent_across_a_redirect(
+    srv: Hostile, other: Hostile, authfile: str
+) -> None:
+    srv.route(
+        r"GET /v2/",
+        lambda h: h.answer(
+            200 if h.headers.get("Authorization") else 401,
+            b"{}",
+            {"WWW-Authenticate": 'Basic realm="hostile"'},
+        ),
+    )
     srv.route(rf"GET /v2/{REPO}/blobs/", _redirect(f"http://{other.host}/signed/blob"))
-    other.route(r"GET /signed/blob", lambda h: h.answer(
-        206, BLOB[:10], {"Content-Range": f"bytes 0-9/{len(BLOB)}"}))
+    other.route(
+        r"GET /signed/blob",
+        lambda h: h.answer(206, BLOB[:10], {"Content-Range": f"bytes 0-9/{len(BLOB)}"}),
+    )
     with _client(authfile) as c:
         assert c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(0, 10)]) == [BLOB[:10]]
     assert any(s.authorization for s in srv.seen)
@@ -385,14 +451,25 @@ def test_credentials_are_not_sent_across_a_redirect(srv: Hostile, other: Hostile
 
 def _bearer_registry(srv: Hostile, token_host: str) -> None:
     """Manifests only for the token the realm gives to alice."""
+
     def guarded(h: _Handler) -> None:
         if h.headers.get("Authorization") == "Bearer tok-alice":
             h.answer(200, MANIFEST, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
         else:
-            h.answer(401, b"", {"WWW-Authenticate": f'Bearer realm="http://{token_host}/token",'
-                                                   f'service="hostile"'})
-    srv.route(r"GET /v2/$", lambda h: h.answer(401, b"", {
-        "WWW-Authenticate": f'Bearer realm="http://{token_host}/token",service="hostile"'}))
+            h.answer(
+                401,
+                b"",
+                {"WWW-Authenticate": f'Bearer realm="http://{token_host}/token",service="hostile"'},
+            )
+
+    srv.route(
+        r"GET /v2/$",
+        lambda h: h.answer(
+            401,
+            b"",
+            {"WWW-Authenticate": f'Bearer realm="http://{token_host}/token",service="hostile"'},
+        ),
+    )
     srv.route(rf"GET /v2/{REPO}/manifests/", guarded)
     srv.route(rf"GET /v2/{REPO}/blobs/{_sha(CONFIG)}", lambda h: h.answer(200, CONFIG))
 
@@ -400,13 +477,18 @@ def _bearer_registry(srv: Hostile, token_host: str) -> None:
 def _token_server(t: Hostile) -> None:
     def token(h: _Handler) -> None:
         ok = h.headers.get("Authorization") == "Basic " + SECRETS[1]
-        h.answer(200, json.dumps({"token": "tok-alice" if ok else "tok-anon"}).encode(),
-                 {"Content-Type": "application/json"})
+        h.answer(
+            200,
+            json.dumps({"token": "tok-alice" if ok else "tok-anon"}).encode(),
+            {"Content-Type": "application/json"},
+        )
+
     t.route(r"GET /token", token)
 
 
 def test_token_realm_on_another_host_gets_no_credentials_by_default(
-        srv: Hostile, other: Hostile, authfile: str, caplog: pytest.LogCaptureFixture) -> None:
+    srv: Hostile, other: Hostile, authfile: str, caplog: pytest.LogCaptureFixture
+) -> None:
     _bearer_registry(srv, other.host)
     _token_server(other)
     caplog.set_level(logging.DEBUG)
@@ -419,7 +501,8 @@ def test_token_realm_on_another_host_gets_no_credentials_by_default(
 
 
 def test_token_realm_on_another_host_gets_credentials_where_the_policy_allows(
-        srv: Hostile, other: Hostile, authfile: str) -> None:
+    srv: Hostile, other: Hostile, authfile: str
+) -> None:
     _bearer_registry(srv, other.host)
     _token_server(other)
     with _client(authfile, auth_realm_hosts="127.0.0.1=127.0.0.2") as c:
@@ -487,21 +570,26 @@ NEVER_ENDING = [_trickle_body, _trickle_headers, _trickle_one_header, _trickle_s
 
 @pytest.mark.parametrize("responder", NEVER_ENDING, ids=lambda f: f.__name__[1:])
 def test_manifest_answers_that_never_end_are_cut_at_the_deadline(
-        srv: Hostile, responder: Responder) -> None:
+    srv: Hostile, responder: Responder
+) -> None:
     srv.route(rf"GET /v2/{REPO}/manifests/", responder)
     with _client(max_retry_time=2.0) as c:
         err = _fails(lambda: c.resolve(f"{srv.host}/{REPO}:v1"), within=2.0 + 2.5)
     assert srv.host in str(err)
 
 
-@pytest.mark.parametrize("responder", [*NEVER_ENDING, _trickle_range],
-                         ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize("responder", [*NEVER_ENDING, _trickle_range], ids=lambda f: f.__name__[1:])
 def test_blob_answers_that_never_end_are_cut_at_the_callers_deadline(
-        srv: Hostile, responder: Responder) -> None:
+    srv: Hostile, responder: Responder
+) -> None:
     srv.route(rf"GET /v2/{REPO}/blobs/", responder)
     with _client(max_retry_time=30.0) as c:
-        err = _fails(lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(0, 100)],
-                                            deadline=time.monotonic() + 1.5), within=1.5 + 2.5)
+        err = _fails(
+            lambda: c.fetch_ranges(
+                f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(0, 100)], deadline=time.monotonic() + 1.5
+            ),
+            within=1.5 + 2.5,
+        )
     assert srv.host in str(err)
 
 
@@ -509,13 +597,25 @@ def test_real_registry_trickling_blob_is_cut_at_the_deadline(registry: RegistryS
     layer = make_tar_layer({"big": random.Random(3).randbytes(200_000)})
     push_image(registry, "hostile/slow", "v1", [layer])
     with FaultProxy(registry.url) as proxy:
-        proxy.add(Fault("slow", match=r"GET /v2/hostile/slow/blobs/", chunk=64, delay=0.05,
-                        times=None, only_ranged=True))
+        proxy.add(
+            Fault(
+                "slow",
+                match=r"GET /v2/hostile/slow/blobs/",
+                chunk=64,
+                delay=0.05,
+                times=None,
+                only_ranged=True,
+            )
+        )
         with _client(max_retry_time=30.0) as c:
             ref = f"{proxy.host}/hostile/slow:v1"
             c.resolve(ref)
-            err = _fails(lambda: c.fetch_ranges(ref, layer.digest, [(0, 150_000)],
-                                                deadline=time.monotonic() + 1.5), within=4.0)
+            err = _fails(
+                lambda: c.fetch_ranges(
+                    ref, layer.digest, [(0, 150_000)], deadline=time.monotonic() + 1.5
+                ),
+                within=4.0,
+            )
             assert proxy.host in str(err)
             proxy.clear()
             assert c.fetch_ranges(ref, layer.digest, [(0, 1000)]) == [layer.blob[:1000]]
@@ -538,49 +638,61 @@ def test_huge_content_length_on_a_range_is_refused_at_once(srv: Hostile) -> None
 
     srv.route(rf"GET /v2/{REPO}/blobs/", huge)
     with _client() as c:
-        err = _fails(lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(0, 100)]),
-                     within=3.0)
+        err = _fails(
+            lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(0, 100)]), within=3.0
+        )
         assert c.stats.bytes_received < 1 << 20
     assert str(10**15) in str(err) and srv.host in str(err)
 
 
-@pytest.mark.parametrize(("content_range", "body"), [
-    (f"bytes 0-99/{len(BLOB)}", BLOB[:100]),  # other bytes than asked for
-    (f"bytes 150-249/{len(BLOB)}", BLOB[150:250]),  # overlaps, does not cover
-    (f"bytes 100-199/{len(BLOB)}", BLOB[100:150]),  # right range, short body
-    ("bytes 100-99/1000", b""),  # nonsense
-    ("bytes */1000", BLOB[100:200]),
-    ("items 100-199/1000", BLOB[100:200]),
-    ("", BLOB[100:200]),
-])
+@pytest.mark.parametrize(
+    ("content_range", "body"),
+    [
+        (f"bytes 0-99/{len(BLOB)}", BLOB[:100]),  # other bytes than asked for
+        (f"bytes 150-249/{len(BLOB)}", BLOB[150:250]),  # overlaps, does not cover
+        (f"bytes 100-199/{len(BLOB)}", BLOB[100:150]),  # right range, short body
+        ("bytes 100-99/1000", b""),  # nonsense
+        ("bytes */1000", BLOB[100:200]),
+        ("items 100-199/1000", BLOB[100:200]),
+        ("", BLOB[100:200]),
+    ],
+)
 def test_206_that_does_not_match_the_request_is_never_data(
-        srv: Hostile, content_range: str, body: bytes) -> None:
+    srv: Hostile, content_range: str, body: bytes
+) -> None:
     headers = {"Content-Range": content_range} if content_range else {}
     srv.route(rf"GET /v2/{REPO}/blobs/", _range_answer(206, body, headers))
     with _client(max_retry_time=1.0) as c:
-        err = _fails(lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(100, 100)]),
-                     within=3.5)
+        err = _fails(
+            lambda: c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(100, 100)]), within=3.5
+        )
     assert srv.host in str(err)
 
 
 def test_206_that_matches_is_data(srv: Hostile) -> None:
     """The control for the case above: the same server, telling the truth."""
-    srv.route(rf"GET /v2/{REPO}/blobs/", _range_answer(
-        206, BLOB[100:200], {"Content-Range": f"bytes 100-199/{len(BLOB)}"}))
+    srv.route(
+        rf"GET /v2/{REPO}/blobs/",
+        _range_answer(206, BLOB[100:200], {"Content-Range": f"bytes 100-199/{len(BLOB)}"}),
+    )
     with _client() as c:
-        assert c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(100, 100)]) == \
-            [BLOB[100:200]]
+        assert c.fetch_ranges(f"{srv.host}/{REPO}:v1", BLOB_DIGEST, [(100, 100)]) == [BLOB[100:200]]
 
 
 # ---- credentials never in errors or logs -------------------------------------------------------
 
 
-def test_no_credentials_in_any_error_or_log_line(srv: Hostile, other: Hostile, authfile: str,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_no_credentials_in_any_error_or_log_line(
+    srv: Hostile, other: Hostile, authfile: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
+
     def ping(h: _Handler) -> None:
-        h.answer(200 if h.headers.get("Authorization") else 401, b"{}",
-                 {"WWW-Authenticate": 'Basic realm="hostile"'})
+        h.answer(
+            200 if h.headers.get("Authorization") else 401,
+            b"{}",
+            {"WWW-Authenticate": 'Basic realm="hostile"'},
+        )
 
     basic: tuple[str, Responder] = (r"GET /v2/$", ping)
     scenarios: list[list[tuple[str, Responder]]] = [
@@ -590,11 +702,23 @@ def test_no_credentials_in_any_error_or_log_line(srv: Hostile, other: Hostile, a
         [basic, (r"/manifests/", _redirect("/loop"))],
         [basic, (r"/manifests/", _big_with_length)],
         [basic, (r"/manifests/", _trickle_headers)],
-        [(r"GET /v2/$", lambda h: h.answer(401, b"", {
-            "WWW-Authenticate": f'Bearer realm="http://{other.host}/token"'}))],
-        [(r"GET /v2/$", lambda h: h.answer(401, b"", {
-            "WWW-Authenticate": f'Bearer realm="http://{srv.host}/token"'})),
-         (r"GET /token", lambda h: h.answer(401, b"no"))],
+        [
+            (
+                r"GET /v2/$",
+                lambda h: h.answer(
+                    401, b"", {"WWW-Authenticate": f'Bearer realm="http://{other.host}/token"'}
+                ),
+            )
+        ],
+        [
+            (
+                r"GET /v2/$",
+                lambda h: h.answer(
+                    401, b"", {"WWW-Authenticate": f'Bearer realm="http://{srv.host}/token"'}
+                ),
+            ),
+            (r"GET /token", lambda h: h.answer(401, b"no")),
+        ],
     ]
     errors: list[str] = []
     for routes in scenarios:

@@ -31,11 +31,14 @@ def upstream_image(mirror_pair: MirrorPair) -> tuple[SimpleLayer, str]:
 def _conf(upstream: str, mirror: str, extra: str = "") -> RegistriesConf:
     return RegistriesConf.from_toml(
         f'[[registry]]\nlocation = "{upstream}"\n{extra}\n'
-        f'[[registry.mirror]]\nlocation = "{mirror}"\n', certs_dirs=[])
+        f'[[registry.mirror]]\nlocation = "{mirror}"\n',
+        certs_dirs=[],
+    )
 
 
-def test_pull_through_mirror_is_used(mirror_pair: MirrorPair,
-                                     upstream_image: tuple[SimpleLayer, str]) -> None:
+def test_pull_through_mirror_is_used(
+    mirror_pair: MirrorPair, upstream_image: tuple[SimpleLayer, str]
+) -> None:
     layer, digest = upstream_image
     up, mirror = mirror_pair.upstream, mirror_pair.mirror
     ref = f"{up.host}/mir/app:v1"
@@ -45,8 +48,9 @@ def test_pull_through_mirror_is_used(mirror_pair: MirrorPair,
         assert img.manifest_digest == digest
         assert img.source == f"{mirror.host}/mir/app"
         ranges = [(0, 100), (100_000, 1000)]
-        assert c.fetch_ranges(ref, layer.digest, ranges) == [layer.blob[o:o + n]
-                                                             for o, n in ranges]
+        assert c.fetch_ranges(ref, layer.digest, ranges) == [
+            layer.blob[o : o + n] for o, n in ranges
+        ]
         hosts = c.stats.snapshot()["per_host"]
         assert up.host not in hosts  # the client never talked to the primary itself
     log = mirror.access_log(since=m_mark)
@@ -56,8 +60,9 @@ def test_pull_through_mirror_is_used(mirror_pair: MirrorPair,
     assert any("/manifests/" in e.path for e in up.access_log())
 
 
-def test_mirror_down_falls_back_to_primary(mirror_pair: MirrorPair,
-                                           upstream_image: tuple[SimpleLayer, str]) -> None:
+def test_mirror_down_falls_back_to_primary(
+    mirror_pair: MirrorPair, upstream_image: tuple[SimpleLayer, str]
+) -> None:
     layer, digest = upstream_image
     up = mirror_pair.upstream
     dead = f"127.0.0.1:{free_port()}"
@@ -70,13 +75,16 @@ def test_mirror_down_falls_back_to_primary(mirror_pair: MirrorPair,
         assert c.stats.retries == 0  # a dead mirror is skipped, not retried with backoff
 
 
-def test_digest_only_mirror(mirror_pair: MirrorPair,
-                            upstream_image: tuple[SimpleLayer, str]) -> None:
+def test_digest_only_mirror(
+    mirror_pair: MirrorPair, upstream_image: tuple[SimpleLayer, str]
+) -> None:
     _layer, digest = upstream_image
     up, mirror = mirror_pair.upstream, mirror_pair.mirror
     conf = RegistriesConf.from_toml(
         f'[[registry]]\nlocation = "{up.host}"\n[[registry.mirror]]\n'
-        f'location = "{mirror.host}"\npull-from-mirror = "digest-only"\n', certs_dirs=[])
+        f'location = "{mirror.host}"\npull-from-mirror = "digest-only"\n',
+        certs_dirs=[],
+    )
     with RegistryClient(registries_conf=conf) as c:
         by_tag = c.resolve(f"{up.host}/mir/app:v1")
         assert by_tag.source == f"{up.host}/mir/app"
@@ -84,13 +92,15 @@ def test_digest_only_mirror(mirror_pair: MirrorPair,
         assert by_digest.source == f"{mirror.host}/mir/app"
 
 
-def test_prefix_location_rewrite(mirror_pair: MirrorPair,
-                                 upstream_image: tuple[SimpleLayer, str]) -> None:
+def test_prefix_location_rewrite(
+    mirror_pair: MirrorPair, upstream_image: tuple[SimpleLayer, str]
+) -> None:
     _layer, digest = upstream_image
     up = mirror_pair.upstream
     conf = RegistriesConf.from_toml(
         f'[[registry]]\nprefix = "images.example.invalid/team"\nlocation = "{up.host}/mir"\n',
-        certs_dirs=[])
+        certs_dirs=[],
+    )
     with RegistryClient(registries_conf=conf) as c:
         img = c.resolve("images.example.invalid/team/app:v1")
         assert img.manifest_digest == digest
@@ -99,14 +109,16 @@ def test_prefix_location_rewrite(mirror_pair: MirrorPair,
 
 def test_blocked_registry(mirror_pair: MirrorPair) -> None:
     up = mirror_pair.upstream
-    conf = RegistriesConf.from_toml(f'[[registry]]\nlocation = "{up.host}"\nblocked = true\n',
-                                    certs_dirs=[])
+    conf = RegistriesConf.from_toml(
+        f'[[registry]]\nlocation = "{up.host}"\nblocked = true\n', certs_dirs=[]
+    )
     with RegistryClient(registries_conf=conf) as c, pytest.raises(ConfigError, match="blocked"):
         c.resolve(f"{up.host}/mir/app:v1")
 
 
-def test_mirror_without_the_image_falls_back(mirror_pair: MirrorPair, registry: RegistryServer,
-                                             upstream_image: tuple[SimpleLayer, str]) -> None:
+def test_mirror_without_the_image_falls_back(
+    mirror_pair: MirrorPair, registry: RegistryServer, upstream_image: tuple[SimpleLayer, str]
+) -> None:
     """A plain registry configured as a mirror that does not have the image answers 404."""
     layer, digest = upstream_image
     up = mirror_pair.upstream

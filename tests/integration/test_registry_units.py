@@ -31,22 +31,44 @@ from als.registry.reference import ReferenceError
 D = "sha256:" + "ab" * 32
 
 
-@pytest.mark.parametrize(("text", "registry", "repo", "tag", "digest", "string"), [
-    ("busybox", "docker.io", "library/busybox", "latest", None,
-     "docker.io/library/busybox:latest"),
-    ("docker.io/library/busybox:1.36", "docker.io", "library/busybox", "1.36", None,
-     "docker.io/library/busybox:1.36"),
-    ("index.docker.io/user/app", "docker.io", "user/app", "latest", None,
-     "docker.io/user/app:latest"),
-    ("user/app:v1", "docker.io", "user/app", "v1", None, "docker.io/user/app:v1"),
-    ("localhost/app", "localhost", "app", "latest", None, "localhost/app:latest"),
-    ("localhost:5000/a/b/c:t", "localhost:5000", "a/b/c", "t", None, "localhost:5000/a/b/c:t"),
-    (f"127.0.0.1:5000/app@{D}", "127.0.0.1:5000", "app", None, D, f"127.0.0.1:5000/app@{D}"),
-    (f"quay.io/x/y:tag@{D}", "quay.io", "x/y", "tag", D, f"quay.io/x/y:tag@{D}"),
-    ("docker://ghcr.io/o/r:1", "ghcr.io", "o/r", "1", None, "ghcr.io/o/r:1"),
-])
-def test_parse_reference(text: str, registry: str, repo: str, tag: str | None,
-                         digest: str | None, string: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "registry", "repo", "tag", "digest", "string"),
+    [
+        (
+            "busybox",
+            "docker.io",
+            "library/busybox",
+            "latest",
+            None,
+            "docker.io/library/busybox:latest",
+        ),
+        (
+            "docker.io/library/busybox:1.36",
+            "docker.io",
+            "library/busybox",
+            "1.36",
+            None,
+            "docker.io/library/busybox:1.36",
+        ),
+        (
+            "index.docker.io/user/app",
+            "docker.io",
+            "user/app",
+            "latest",
+            None,
+            "docker.io/user/app:latest",
+        ),
+        ("user/app:v1", "docker.io", "user/app", "v1", None, "docker.io/user/app:v1"),
+        ("localhost/app", "localhost", "app", "latest", None, "localhost/app:latest"),
+        ("localhost:5000/a/b/c:t", "localhost:5000", "a/b/c", "t", None, "localhost:5000/a/b/c:t"),
+        (f"127.0.0.1:5000/app@{D}", "127.0.0.1:5000", "app", None, D, f"127.0.0.1:5000/app@{D}"),
+        (f"quay.io/x/y:tag@{D}", "quay.io", "x/y", "tag", D, f"quay.io/x/y:tag@{D}"),
+        ("docker://ghcr.io/o/r:1", "ghcr.io", "o/r", "1", None, "ghcr.io/o/r:1"),
+    ],
+)
+def test_parse_reference(
+    text: str, registry: str, repo: str, tag: str | None, digest: str | None, string: str
+) -> None:
     r = parse_reference(text)
     assert (r.registry, r.repository, r.tag, r.digest) == (registry, repo, tag, digest)
     assert str(r) == string
@@ -60,15 +82,29 @@ def test_api_host() -> None:
     assert not parse_reference("quay.io/x").is_loopback
 
 
-@pytest.mark.parametrize("bad", ["", "user/Case", "a//b", "app:", "app:-bad", "app@sha256:12",
-                                 "host:port:x/app", "app@md5:" + "0" * 32, "a" * 300])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "user/Case",
+        "a//b",
+        "app:",
+        "app:-bad",
+        "app@sha256:12",
+        "host:port:x/app",
+        "app@md5:" + "0" * 32,
+        "a" * 300,
+    ],
+)
 def test_parse_reference_rejects(bad: str) -> None:
     with pytest.raises(ReferenceError):
         parse_reference(bad)
 
 
-@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 500)), max_size=40),
-       st.integers(0, 2000))
+@given(
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 500)), max_size=40),
+    st.integers(0, 2000),
+)
 def test_coalesce_covers_everything(ranges: list[tuple[int, int]], gap: int) -> None:
     regions = coalesce(ranges, max_gap=gap)
     for a, b in itertools.pairwise(regions):
@@ -88,9 +124,10 @@ def test_coalesce_max_size() -> None:
 def _multipart(parts: list[tuple[int, bytes]], total: int, boundary: str = "XyZ") -> bytes:
     out = b""
     for start, data in parts:
-        out += (f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n"
-                f"Content-Range: bytes {start}-{start + len(data) - 1}/{total}\r\n\r\n"
-                ).encode() + data
+        out += (
+            f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Range: bytes {start}-{start + len(data) - 1}/{total}\r\n\r\n"
+        ).encode() + data
     return out + f"\r\n--{boundary}--\r\n".encode()
 
 
@@ -132,7 +169,8 @@ def test_content_range_and_boundary() -> None:
 def test_www_authenticate() -> None:
     [ch] = parse_www_authenticate(
         'Bearer realm="https://auth.example/token",service="registry.example",'
-        'scope="repository:a/b:pull,push"')
+        'scope="repository:a/b:pull,push"'
+    )
     assert ch.scheme == "bearer" and ch.realm == "https://auth.example/token"
     assert ch.params["scope"] == "repository:a/b:pull,push"
     chs = parse_www_authenticate('Basic realm="x", Bearer realm="y",service=z')
@@ -142,27 +180,34 @@ def test_www_authenticate() -> None:
 
 def test_registries_conf_loading(tmp_path: Path) -> None:
     main = tmp_path / "registries.conf"
-    main.write_text('unqualified-search-registries = ["docker.io"]\n'
-                    '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
-                    '[[registry.mirror]]\nlocation = "mirror.local:5000"\n'
-                    '[[registry.mirror]]\nlocation = "p2p.local:65001/dh"\ninsecure = true\n'
-                    'pull-from-mirror = "digest-only"\n'
-                    '[[registry]]\nlocation = "quay.io"\nblocked = true\n')
+    main.write_text(
+        'unqualified-search-registries = ["docker.io"]\n'
+        '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n'
+        '[[registry.mirror]]\nlocation = "mirror.local:5000"\n'
+        '[[registry.mirror]]\nlocation = "p2p.local:65001/dh"\ninsecure = true\n'
+        'pull-from-mirror = "digest-only"\n'
+        '[[registry]]\nlocation = "quay.io"\nblocked = true\n'
+    )
     d = tmp_path / "registries.conf.d"
     d.mkdir()
-    (d / "50-quay.conf").write_text('additional-layer-store-auth-helper = "als-auth"\n'
-                                    '[[registry]]\nlocation = "quay.io"\n')
+    (d / "50-quay.conf").write_text(
+        'additional-layer-store-auth-helper = "als-auth"\n[[registry]]\nlocation = "quay.io"\n'
+    )
     (d / "ignored.txt").write_text("not toml")
     conf = RegistriesConf.load(str(main), certs_dirs=[])
     assert conf.auth_helper == "als-auth"
     assert len(conf.sources) == 2
     by_tag = conf.endpoints("busybox")
-    assert [str(e) for e in by_tag] == ["mirror.local:5000/library/busybox",
-                                        "registry-1.docker.io/library/busybox"]
+    assert [str(e) for e in by_tag] == [
+        "mirror.local:5000/library/busybox",
+        "registry-1.docker.io/library/busybox",
+    ]
     by_digest = conf.endpoints(f"busybox@{D}")
-    assert [str(e) for e in by_digest] == ["mirror.local:5000/library/busybox",
-                                           "p2p.local:65001/dh/library/busybox",
-                                           "registry-1.docker.io/library/busybox"]
+    assert [str(e) for e in by_digest] == [
+        "mirror.local:5000/library/busybox",
+        "p2p.local:65001/dh/library/busybox",
+        "registry-1.docker.io/library/busybox",
+    ]
     assert by_digest[1].insecure and by_digest[1].mirror and not by_digest[2].mirror
     assert conf.is_insecure("p2p.local:65001") and not conf.is_insecure("mirror.local:5000")
     # The drop-in replaced the blocked quay.io entry.
@@ -174,20 +219,26 @@ def test_registries_conf_rules() -> None:
         '[[registry]]\nprefix = "*.example.com"\nblocked = true\n'
         '[[registry]]\nprefix = "ok.example.com"\nlocation = "ok.example.com"\n'
         '[[registry]]\nprefix = "r.io/team"\nlocation = "internal:5000/mirror/team"\n'
-        'mirror-by-digest-only = true\n[[registry.mirror]]\nlocation = "m:1"\n', certs_dirs=[])
+        'mirror-by-digest-only = true\n[[registry.mirror]]\nlocation = "m:1"\n',
+        certs_dirs=[],
+    )
     with pytest.raises(ConfigError, match="blocked"):
         conf.endpoints("bad.example.com/x")
     assert [str(e) for e in conf.endpoints("ok.example.com/x")] == ["ok.example.com/x"]
-    assert [str(e) for e in conf.endpoints("r.io/team/app:1")] == [
-        "internal:5000/mirror/team/app"]
+    assert [str(e) for e in conf.endpoints("r.io/team/app:1")] == ["internal:5000/mirror/team/app"]
     assert [str(e) for e in conf.endpoints(f"r.io/team/app@{D}")] == [
-        "m:1/app", "internal:5000/mirror/team/app"]
+        "m:1/app",
+        "internal:5000/mirror/team/app",
+    ]
     # "r.io/teamx" is not under the prefix "r.io/team".
     assert [str(e) for e in conf.endpoints("r.io/teamx/app")] == ["r.io/teamx/app"]
-    for bad in ('[[registry]]\nprefix = "*.x"\nlocation = "y"\n',
-                '[[registry]]\nlocation = "a"\n[[registry.mirror]]\nlocation = "b"\n'
-                'pull-from-mirror = "sometimes"\n',
-                '[registries.search]\nregistries = ["x"]\n', "not = [toml"):
+    for bad in (
+        '[[registry]]\nprefix = "*.x"\nlocation = "y"\n',
+        '[[registry]]\nlocation = "a"\n[[registry.mirror]]\nlocation = "b"\n'
+        'pull-from-mirror = "sometimes"\n',
+        '[registries.search]\nregistries = ["x"]\n',
+        "not = [toml",
+    ):
         with pytest.raises(ConfigError):
             RegistriesConf.from_toml(bad)
     with pytest.raises(ConfigError):
@@ -204,11 +255,27 @@ def test_credential_keys_and_precedence(tmp_path: Path) -> None:
         return base64.b64encode(f"{u}:{p}".encode()).decode()
 
     f1 = tmp_path / "a.json"
-    f1.write_text(json.dumps({"auths": {"quay.io": {"auth": enc("host", "p1")},
-                                        "quay.io/org": {"auth": enc("org", "p2")}}}))
+    f1.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "quay.io": {"auth": enc("host", "p1")},
+                    "quay.io/org": {"auth": enc("org", "p2")},
+                }
+            }
+        )
+    )
     f2 = tmp_path / "b.json"
-    f2.write_text(json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": enc("hub", "p3")},
-                                        "quay.io/org/repo": {"auth": enc("never", "p4")}}}))
+    f2.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "https://index.docker.io/v1/": {"auth": enc("hub", "p3")},
+                    "quay.io/org/repo": {"auth": enc("never", "p4")},
+                }
+            }
+        )
+    )
     store = CredentialStore([str(f1), str(f2)])
     assert store.get("quay.io", "org/repo") == Credential("org", "p2")  # first file wins
     assert store.get("quay.io", "other/x") == Credential("host", "p1")

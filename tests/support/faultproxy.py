@@ -57,10 +57,32 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
-KINDS = {"status", "drop", "reset", "truncate", "slow", "corrupt", "ignore_range",
-         "refuse_multirange", "ignore_multirange", "first_range_only", "redirect", "stall"}
+HOP_HEADERS = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
+KINDS = {
+    "status",
+    "drop",
+    "reset",
+    "truncate",
+    "slow",
+    "corrupt",
+    "ignore_range",
+    "refuse_multirange",
+    "ignore_multirange",
+    "first_range_only",
+    "redirect",
+    "stall",
+}
 
 
 @dataclass
@@ -108,9 +130,15 @@ class _Ticket:
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, *, host: str = "127.0.0.1",
-                 redirect_host: str = "127.0.0.2",
-                 upstream_ssl: ssl.SSLContext | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        host: str = "127.0.0.1",
+        redirect_host: str = "127.0.0.2",
+        upstream_ssl: ssl.SSLContext | None = None,
+        seed: int | None = None,
+    ) -> None:
         u = urllib.parse.urlsplit(upstream)
         self.upstream_scheme = u.scheme
         self.upstream_netloc = u.netloc
@@ -203,8 +231,12 @@ class FaultProxy:
     def requests_for(self, pattern: str, listener: str | None = None) -> list[Record]:
         rx = re.compile(pattern)
         with self._lock:
-            return [r for r in self.records if rx.search(f"{r.method} {r.path}")
-                    and (listener is None or r.listener == listener)]
+            return [
+                r
+                for r in self.records
+                if rx.search(f"{r.method} {r.path}")
+                and (listener is None or r.listener == listener)
+            ]
 
     @property
     def request_count(self) -> int:
@@ -287,8 +319,9 @@ class FaultProxy:
                         outer.errors.append(repr(exc))
 
         srv = Server((host, port), Handler)
-        threading.Thread(target=srv.serve_forever, daemon=True, name=f"faultproxy-{listener}"
-                         ).start()
+        threading.Thread(
+            target=srv.serve_forever, daemon=True, name=f"faultproxy-{listener}"
+        ).start()
         return srv
 
     def _pick(self, method: str, path: str, has_range: bool) -> Fault | None:
@@ -313,12 +346,14 @@ class FaultProxy:
         with self._lock:
             return self._random.randrange(size)
 
-    def _upstream(self, method: str, path: str, headers: dict[str, str], body: bytes | None
-                  ) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    def _upstream(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None
+    ) -> tuple[int, str, list[tuple[str, str]], bytes]:
         conn: http.client.HTTPConnection
         if self.upstream_scheme == "https":
-            conn = http.client.HTTPSConnection(self.upstream_netloc, timeout=60,
-                                               context=self.upstream_ssl)
+            conn = http.client.HTTPSConnection(
+                self.upstream_netloc, timeout=60, context=self.upstream_ssl
+            )
         else:
             conn = http.client.HTTPConnection(self.upstream_netloc, timeout=60)
         try:
@@ -348,8 +383,9 @@ class FaultProxy:
                 ticket = self._tickets.get(ticket_id)
                 if ticket is not None:
                     ticket.uses += 1
-            if ticket is None or (ticket.expire_after is not None
-                                  and ticket.uses > ticket.expire_after):
+            if ticket is None or (
+                ticket.expire_after is not None and ticket.uses > ticket.expire_after
+            ):
                 self._respond(h, listener, method, path, rng, auth, 403, [], b"expired", None)
                 return
             up_headers = {k: v for k, v in fwd.items() if k.lower() != "authorization"}
@@ -379,30 +415,54 @@ class FaultProxy:
             with self._lock:
                 self._tickets[ticket_id] = _Ticket(path, saved, expire_after=fault.expire_after)
             loc = f"{self.redirect_url}/blobstore/{ticket_id}?X-Signature=secret-{ticket_id}"
-            self._respond(h, listener, method, path, rng, auth, 307, [("Location", loc)], b"",
-                          kind)
+            self._respond(h, listener, method, path, rng, auth, 307, [("Location", loc)], b"", kind)
             return
         if kind == "ignore_range" or (kind == "ignore_multirange" and rng and "," in rng):
             fwd.pop("Range", None)
         if kind == "first_range_only" and rng and "," in rng:
             fwd["Range"] = rng.split(",", 1)[0]
         status, _reason, headers, data = self._upstream(method, path, fwd, body)
-        headers = [(k, v.replace(f"{self.upstream_scheme}://{self.upstream_netloc}", self.url))
-                   if k.lower() == "location" else (k, v) for k, v in headers]
+        headers = [
+            (k, v.replace(f"{self.upstream_scheme}://{self.upstream_netloc}", self.url))
+            if k.lower() == "location"
+            else (k, v)
+            for k, v in headers
+        ]
         if kind == "corrupt" and fault is not None and data:
             i = min(self._offset(fault, fault.corrupt_at, len(data)), len(data) - 1)
-            data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
-        self._respond(h, listener, method, path, rng, auth, status, headers, data, kind,
-                      fault=fault)
+            data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+        self._respond(
+            h, listener, method, path, rng, auth, status, headers, data, kind, fault=fault
+        )
 
-    def _record(self, listener: str, method: str, path: str, rng: str | None, status: int,
-                sent: int, auth: bool, kind: str | None) -> None:
+    def _record(
+        self,
+        listener: str,
+        method: str,
+        path: str,
+        rng: str | None,
+        status: int,
+        sent: int,
+        auth: bool,
+        kind: str | None,
+    ) -> None:
         with self._lock:
             self.records.append(Record(listener, method, path, rng, status, sent, auth, kind))
 
-    def _respond(self, h: BaseHTTPRequestHandler, listener: str, method: str, path: str,
-                 rng: str | None, auth: bool, status: int, headers: list[tuple[str, str]],
-                 data: bytes, kind: str | None, fault: Fault | None = None) -> None:
+    def _respond(
+        self,
+        h: BaseHTTPRequestHandler,
+        listener: str,
+        method: str,
+        path: str,
+        rng: str | None,
+        auth: bool,
+        status: int,
+        headers: list[tuple[str, str]],
+        data: bytes,
+        kind: str | None,
+        fault: Fault | None = None,
+    ) -> None:
         h.send_response(status)
         for k, v in headers:
             if k.lower() not in HOP_HEADERS:
@@ -412,21 +472,22 @@ class FaultProxy:
         payload = b"" if method == "HEAD" else data
         sent = 0
         if kind in ("reset", "truncate") and fault is not None:
-            part = payload[:self._offset(fault, fault.after_bytes, len(payload))]
+            part = payload[: self._offset(fault, fault.after_bytes, len(payload))]
             h.wfile.write(part)
             h.wfile.flush()
             sent = len(part)
             self._record(listener, method, path, rng, status, sent, auth, kind)
             h.close_connection = True
             if kind == "reset":
-                h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                        struct.pack("ii", 1, 0))
+                h.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
             return
         if kind == "slow" and fault is not None:
             for i in range(0, len(payload), fault.chunk):
-                h.wfile.write(payload[i:i + fault.chunk])
+                h.wfile.write(payload[i : i + fault.chunk])
                 h.wfile.flush()
-                sent += len(payload[i:i + fault.chunk])
+                sent += len(payload[i : i + fault.chunk])
                 time.sleep(fault.delay)
         else:
             h.wfile.write(payload)

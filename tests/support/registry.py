@@ -67,8 +67,11 @@ def sha256_digest(data: bytes) -> str:
 def host_os_arch() -> tuple[str, str, str | None]:
     m = platform.machine().lower()
     arch, variant = {
-        "x86_64": ("amd64", None), "aarch64": ("arm64", "v8"), "arm64": ("arm64", "v8"),
-        "armv7l": ("arm", "v7"), "i686": ("386", None),
+        "x86_64": ("amd64", None),
+        "aarch64": ("arm64", "v8"),
+        "arm64": ("arm64", "v8"),
+        "armv7l": ("arm", "v7"),
+        "i686": ("386", None),
     }.get(m, (m, None))
     return "linux", arch, variant
 
@@ -87,8 +90,9 @@ class TLSMaterial:
     client_key: Path
 
     @classmethod
-    def create(cls, directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost")
-               ) -> TLSMaterial:
+    def create(
+        cls, directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost")
+    ) -> TLSMaterial:
         import trustme
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -123,8 +127,9 @@ class TLSMaterial:
 def make_htpasswd(path: Path, users: Mapping[str, str]) -> Path:
     lines = []
     for user, password in users.items():
-        out = subprocess.run(["htpasswd", "-Bbn", user, password], check=True,
-                             capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(
+            ["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True
+        ).stdout.strip()
         lines.append(out)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -140,7 +145,7 @@ def _b64url(data: bytes) -> str:
 def libtrust_key_id(public_der: bytes) -> str:
     """The ``kid`` distribution expects: libtrust's fingerprint of a SubjectPublicKeyInfo."""
     raw = base64.b32encode(hashlib.sha256(public_der).digest()[:30]).decode()
-    return ":".join(raw[i:i + 4] for i in range(0, len(raw), 4))
+    return ":".join(raw[i : i + 4] for i in range(0, len(raw), 4))
 
 
 @dataclass
@@ -161,10 +166,17 @@ class TokenServer:
     is recorded in ``requests``.
     """
 
-    def __init__(self, workdir: Path, *, users: Mapping[str, str] | None = None,
-                 identity_tokens: Mapping[str, str] | None = None, anonymous_pull: bool = True,
-                 service: str = "test-registry", issuer: str = "test-token-issuer",
-                 ttl: int = 300) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        users: Mapping[str, str] | None = None,
+        identity_tokens: Mapping[str, str] | None = None,
+        anonymous_pull: bool = True,
+        service: str = "test-registry",
+        issuer: str = "test-token-issuer",
+        ttl: int = 300,
+    ) -> None:
         import datetime
 
         from cryptography import x509
@@ -184,16 +196,22 @@ class TokenServer:
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "als test token signer")])
         now = datetime.datetime.now(datetime.UTC)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                .public_key(self._key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(days=1))
-                .not_valid_after(now + datetime.timedelta(days=30))
-                .sign(self._key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .sign(self._key, hashes.SHA256())
+        )
         workdir.mkdir(parents=True, exist_ok=True)
         self.cert_path = workdir / "token-signer.pem"
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         der = self._key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         self.kid = libtrust_key_id(der)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -208,8 +226,9 @@ class TokenServer:
         from cryptography.hazmat.primitives.asymmetric import padding
 
         header = {"typ": "JWT", "alg": "RS256", "kid": self.kid}
-        signing_input = (_b64url(json.dumps(header).encode()) + "." +
-                         _b64url(json.dumps(claims).encode()))
+        signing_input = (
+            _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+        )
         sig = self._key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         return signing_input + "." + _b64url(sig)
 
@@ -220,14 +239,24 @@ class TokenServer:
             if len(parts) != 3 or parts[0] != "repository":
                 continue
             wanted = parts[2].split(",")
-            granted = wanted if user is not None else (
-                ["pull"] if self.anonymous_pull and "pull" in wanted else [])
+            granted = (
+                wanted
+                if user is not None
+                else (["pull"] if self.anonymous_pull and "pull" in wanted else [])
+            )
             if granted:
                 access.append({"type": "repository", "name": parts[1], "actions": granted})
         now = int(time.time())
-        claims = {"iss": self.issuer, "sub": user or "", "aud": self.service, "exp": now +
-                  self.ttl, "nbf": now - 10, "iat": now, "jti": os.urandom(8).hex(),
-                  "access": access}
+        claims = {
+            "iss": self.issuer,
+            "sub": user or "",
+            "aud": self.service,
+            "exp": now + self.ttl,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": os.urandom(8).hex(),
+            "access": access,
+        }
         return self.sign(claims)
 
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
@@ -266,9 +295,14 @@ class TokenServer:
             h.end_headers()
             return
         token = self.issue(user, scopes)
-        body = json.dumps({"token": token, "access_token": token, "expires_in": self.ttl,
-                           "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                           }).encode()
+        body = json.dumps(
+            {
+                "token": token,
+                "access_token": token,
+                "expires_in": self.ttl,
+                "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        ).encode()
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(body)))
@@ -291,8 +325,9 @@ class TokenServer:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="token-server")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, daemon=True, name="token-server"
+        )
         self._thread.start()
         return self
 
@@ -313,7 +348,8 @@ class TokenServer:
 
 _ACCESS_RE = re.compile(
     r'^(?P<remote>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "(?P<method>\S+) (?P<path>\S+) [^"]*" '
-    r'(?P<status>\d{3}) (?P<size>\d+|-) "(?P<referer>[^"]*)" "(?P<ua>[^"]*)"')
+    r'(?P<status>\d{3}) (?P<size>\d+|-) "(?P<referer>[^"]*)" "(?P<ua>[^"]*)"'
+)
 
 
 @dataclass(frozen=True)
@@ -332,9 +368,16 @@ def parse_access_log(text: str) -> list[AccessEntry]:
         m = _ACCESS_RE.match(line)
         if m:
             size = m.group("size")
-            out.append(AccessEntry(m.group("method"), m.group("path"), int(m.group("status")),
-                                   0 if size == "-" else int(size), m.group("ua"),
-                                   m.group("remote")))
+            out.append(
+                AccessEntry(
+                    m.group("method"),
+                    m.group("path"),
+                    int(m.group("status")),
+                    0 if size == "-" else int(size),
+                    m.group("ua"),
+                    m.group("remote"),
+                )
+            )
     return out
 
 
@@ -347,16 +390,27 @@ class RegistryServer:
     makes it a pull-through cache of another registry.
     """
 
-    def __init__(self, workdir: Path | None = None, *, tls: TLSMaterial | None = None,
-                 htpasswd: Mapping[str, str] | None = None, token: TokenServer | None = None,
-                 proxy_remote: str | None = None, proxy_username: str | None = None,
-                 proxy_password: str | None = None, startup_timeout: float = 20.0,
-                 client_certs: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        *,
+        tls: TLSMaterial | None = None,
+        htpasswd: Mapping[str, str] | None = None,
+        token: TokenServer | None = None,
+        proxy_remote: str | None = None,
+        proxy_username: str | None = None,
+        proxy_password: str | None = None,
+        startup_timeout: float = 20.0,
+        client_certs: bool = False,
+    ) -> None:
         if htpasswd and tls is None:
             raise ValueError("htpasswd auth needs TLS")
         self._own_dir = workdir is None
-        self.workdir = Path(workdir) if workdir is not None else Path(
-            tempfile.mkdtemp(prefix="als-test-registry-"))
+        self.workdir = (
+            Path(workdir)
+            if workdir is not None
+            else Path(tempfile.mkdtemp(prefix="als-test-registry-"))
+        )
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tls = tls
         self.client_certs = client_certs
@@ -390,24 +444,37 @@ class RegistryServer:
         cfg: dict[str, Any] = {
             "version": 0.1,
             "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
-            "storage": {"filesystem": {"rootdirectory": str(self.workdir / "data")},
-                        "delete": {"enabled": True}, "cache": {"blobdescriptor": "inmemory"},
-                        "maintenance": {"uploadpurging": {"enabled": False}}},
-            "http": {"addr": self.host, "secret": os.urandom(16).hex(),
-                     "headers": {"X-Content-Type-Options": ["nosniff"]}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.workdir / "data")},
+                "delete": {"enabled": True},
+                "cache": {"blobdescriptor": "inmemory"},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+            "http": {
+                "addr": self.host,
+                "secret": os.urandom(16).hex(),
+                "headers": {"X-Content-Type-Options": ["nosniff"]},
+            },
         }
         if self.tls:
-            cfg["http"]["tls"] = {"certificate": str(self.tls.cert_pem),
-                                  "key": str(self.tls.key_pem)}
+            cfg["http"]["tls"] = {
+                "certificate": str(self.tls.cert_pem),
+                "key": str(self.tls.key_pem),
+            }
             if self.client_certs:
                 cfg["http"]["tls"]["clientcas"] = [str(self.tls.ca_pem)]
         if self.htpasswd:
             path = make_htpasswd(self.workdir / "htpasswd", self.htpasswd)
             cfg["auth"] = {"htpasswd": {"realm": "als-test", "path": str(path)}}
         elif self.token:
-            cfg["auth"] = {"token": {"realm": self.token.realm, "service": self.token.service,
-                                     "issuer": self.token.issuer,
-                                     "rootcertbundle": str(self.token.cert_path)}}
+            cfg["auth"] = {
+                "token": {
+                    "realm": self.token.realm,
+                    "service": self.token.service,
+                    "issuer": self.token.issuer,
+                    "rootcertbundle": str(self.token.cert_path),
+                }
+            }
         if self.proxy_remote:
             proxy: dict[str, str] = {"remoteurl": self.proxy_remote}
             if self.proxy_username:
@@ -424,8 +491,12 @@ class RegistryServer:
             cfg_path = self.workdir / "config.yml"
             cfg_path.write_text(json.dumps(self._config(), indent=1))  # JSON is YAML
             with open(self.access_log_path, "ab") as out, open(self.log_path, "ab") as err:
-                self.proc = subprocess.Popen([REGISTRY_BIN, "serve", str(cfg_path)],
-                                             stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+                self.proc = subprocess.Popen(
+                    [REGISTRY_BIN, "serve", str(cfg_path)],
+                    stdout=out,
+                    stderr=err,
+                    stdin=subprocess.DEVNULL,
+                )
             if self._wait_ready():
                 return self
             last = self.log_path.read_text(errors="replace")[-2000:]
@@ -440,8 +511,13 @@ class RegistryServer:
             if self.proc.poll() is not None:
                 return False
             try:
-                r = requests.get(f"{self.url}/v2/", timeout=1, verify=verify,
-                                 proxies={"http": "", "https": ""}, cert=self._cert())
+                r = requests.get(
+                    f"{self.url}/v2/",
+                    timeout=1,
+                    verify=verify,
+                    proxies={"http": "", "https": ""},
+                    cert=self._cert(),
+                )
                 if r.status_code in (200, 401):
                     return True
             except requests.RequestException:
@@ -467,8 +543,12 @@ class RegistryServer:
         self.stop()
         cfg_path = self.workdir / "config.yml"
         with open(self.access_log_path, "ab") as out, open(self.log_path, "ab") as err:
-            self.proc = subprocess.Popen([REGISTRY_BIN, "serve", str(cfg_path)], stdout=out,
-                                         stderr=err, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [REGISTRY_BIN, "serve", str(cfg_path)],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+            )
         if not self._wait_ready():
             raise RuntimeError(f"docker-registry did not restart on {self.host}")
 
@@ -530,10 +610,14 @@ class RegistryServer:
         self.access_log()
         return self.access_log_path.stat().st_size if self.access_log_path.exists() else 0
 
-    def blob_requests(self, digest: str, *, since: int = 0, method: str | None = "GET"
-                      ) -> list[AccessEntry]:
-        return [e for e in self.access_log(since=since)
-                if f"/blobs/{digest}" in e.path and (method is None or e.method == method)]
+    def blob_requests(
+        self, digest: str, *, since: int = 0, method: str | None = "GET"
+    ) -> list[AccessEntry]:
+        return [
+            e
+            for e in self.access_log(since=since)
+            if f"/blobs/{digest}" in e.path and (method is None or e.method == method)
+        ]
 
     def blob_bytes_sent(self, digest: str, *, since: int = 0) -> int:
         return sum(e.bytes_sent for e in self.blob_requests(digest, since=since))
@@ -583,8 +667,9 @@ def make_tar_layer(files: Mapping[str, bytes], *, mtime: int = 1_700_000_000) ->
             tf.addfile(info, io.BytesIO(content))
     tar = raw.getvalue()
     blob = gzip.compress(tar, mtime=0)
-    return SimpleLayer(blob=blob, digest=sha256_digest(blob), size=len(blob),
-                       diff_id=sha256_digest(tar))
+    return SimpleLayer(
+        blob=blob, digest=sha256_digest(blob), size=len(blob), diff_id=sha256_digest(tar)
+    )
 
 
 class Pusher(Protocol):
@@ -609,8 +694,11 @@ class _ClientTarget:
         return self.client.push_manifest(f"{self.host}/{repo}{sep}{ref}", body, media_type)
 
 
-def _target(target: RegistryServer | str | Pusher, session: requests.Session | None,
-            registry_host: str | None) -> _Target | _ClientTarget:
+def _target(
+    target: RegistryServer | str | Pusher,
+    session: requests.Session | None,
+    registry_host: str | None,
+) -> _Target | _ClientTarget:
     if isinstance(target, RegistryServer | str):
         return _Target(target, session)
     if registry_host is None:
@@ -637,9 +725,14 @@ class _Target:
         if r.status_code == 401 and "bearer" in r.headers.get("WWW-Authenticate", "").lower():
             ch = r.headers["WWW-Authenticate"]
             params = dict(re.findall(r'(\w+)="([^"]*)"', ch))
-            tr = self.s.get(params["realm"], params={"service": params.get("service", ""),
-                                                     "scope": f"repository:{repo}:pull,push"},
-                            timeout=30)
+            tr = self.s.get(
+                params["realm"],
+                params={
+                    "service": params.get("service", ""),
+                    "scope": f"repository:{repo}:pull,push",
+                },
+                timeout=30,
+            )
             tr.raise_for_status()
             tok = tr.json()["token"]
             self.s.auth = None
@@ -657,34 +750,49 @@ class _Target:
             raise RuntimeError(f"starting upload to {repo}: HTTP {r.status_code} {r.text[:200]}")
         loc = urllib.parse.urljoin(self.base + "/", r.headers["Location"])
         loc += ("&" if "?" in loc else "?") + urllib.parse.urlencode({"digest": digest})
-        r = self._auth_retry("PUT", loc, repo, data=data,
-                             headers={"Content-Type": "application/octet-stream"})
+        r = self._auth_retry(
+            "PUT", loc, repo, data=data, headers={"Content-Type": "application/octet-stream"}
+        )
         if r.status_code != 201:
             raise RuntimeError(f"uploading {digest} to {repo}: HTTP {r.status_code}")
         return digest
 
     def manifest(self, repo: str, ref: str, body: bytes, media_type: str) -> str:
-        r = self._auth_retry("PUT", f"{self.base}/v2/{repo}/manifests/{ref}", repo, data=body,
-                             headers={"Content-Type": media_type})
+        r = self._auth_retry(
+            "PUT",
+            f"{self.base}/v2/{repo}/manifests/{ref}",
+            repo,
+            data=body,
+            headers={"Content-Type": media_type},
+        )
         if r.status_code != 201:
-            raise RuntimeError(f"pushing manifest {repo}:{ref}: HTTP {r.status_code} "
-                               f"{r.text[:300]}")
+            raise RuntimeError(
+                f"pushing manifest {repo}:{ref}: HTTP {r.status_code} {r.text[:300]}"
+            )
         return sha256_digest(body)
 
 
-def image_config(diff_ids: Sequence[str], *, os_: str | None = None, arch: str | None = None,
-                 variant: str | None = None, overrides: Mapping[str, Any] | None = None
-                 ) -> bytes:
+def image_config(
+    diff_ids: Sequence[str],
+    *,
+    os_: str | None = None,
+    arch: str | None = None,
+    variant: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> bytes:
     h_os, h_arch, h_var = host_os_arch()
     cfg: dict[str, Any] = {
         "created": "2024-01-01T00:00:00Z",
         "architecture": arch or h_arch,
         "os": os_ or h_os,
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                   "Cmd": ["/bin/sh"]},
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["/bin/sh"],
+        },
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
-        "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "als test"}
-                    for _ in diff_ids],
+        "history": [
+            {"created": "2024-01-01T00:00:00Z", "created_by": "als test"} for _ in diff_ids
+        ],
     }
     v = variant if variant is not None else (h_var if arch is None else None)
     if v:
@@ -703,17 +811,30 @@ class PushedImage:
     size: int
 
 
-def push_image_full(target: RegistryServer | str | Pusher, repo: str, tag: str | None,
-                    layers: Sequence[LayerLike], *, config_overrides: Mapping[str, Any] | None
-                    = None, os_: str | None = None, arch: str | None = None,
-                    variant: str | None = None, manifest_annotations: Mapping[str, str] | None
-                    = None, docker_media_types: bool = False,
-                    session: requests.Session | None = None,
-                    registry_host: str | None = None) -> PushedImage:
+def push_image_full(
+    target: RegistryServer | str | Pusher,
+    repo: str,
+    tag: str | None,
+    layers: Sequence[LayerLike],
+    *,
+    config_overrides: Mapping[str, Any] | None = None,
+    os_: str | None = None,
+    arch: str | None = None,
+    variant: str | None = None,
+    manifest_annotations: Mapping[str, str] | None = None,
+    docker_media_types: bool = False,
+    session: requests.Session | None = None,
+    registry_host: str | None = None,
+) -> PushedImage:
     """Push layers + config + manifest (see ``push_image``); return all that was pushed."""
     t = _target(target, session, registry_host)
-    config = image_config([layer.diff_id for layer in layers], os_=os_, arch=arch,
-                          variant=variant, overrides=config_overrides)
+    config = image_config(
+        [layer.diff_id for layer in layers],
+        os_=os_,
+        arch=arch,
+        variant=variant,
+        overrides=config_overrides,
+    )
     cfg_digest = t.blob(repo, config)
     for layer in layers:
         got = t.blob(repo, layer.blob)
@@ -723,11 +844,18 @@ def push_image_full(target: RegistryServer | str | Pusher, repo: str, tag: str |
     manifest: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": mtype,
-        "config": {"mediaType": DOCKER_CONFIG if docker_media_types else OCI_CONFIG,
-                   "digest": cfg_digest, "size": len(config)},
+        "config": {
+            "mediaType": DOCKER_CONFIG if docker_media_types else OCI_CONFIG,
+            "digest": cfg_digest,
+            "size": len(config),
+        },
         "layers": [
-            {"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size,
-             **({"annotations": dict(layer.annotations)} if layer.annotations else {})}
+            {
+                "mediaType": layer.media_type,
+                "digest": layer.digest,
+                "size": layer.size,
+                **({"annotations": dict(layer.annotations)} if layer.annotations else {}),
+            }
             for layer in layers
         ],
     }
@@ -738,8 +866,13 @@ def push_image_full(target: RegistryServer | str | Pusher, repo: str, tag: str |
     return PushedImage(digest, body, config, cfg_digest, len(body))
 
 
-def push_image(target: RegistryServer | str | Pusher, repo: str, tag: str | None,
-               layers: Sequence[LayerLike], **kwargs: Any) -> str:
+def push_image(
+    target: RegistryServer | str | Pusher,
+    repo: str,
+    tag: str | None,
+    layers: Sequence[LayerLike],
+    **kwargs: Any,
+) -> str:
     """Push layers + an OCI config (rootfs.diff_ids, host os/arch) + manifest; return the
     manifest digest.
 
@@ -750,9 +883,16 @@ def push_image(target: RegistryServer | str | Pusher, repo: str, tag: str | None
     return push_image_full(target, repo, tag, layers, **kwargs).digest
 
 
-def push_index(target: RegistryServer | str | Pusher, repo: str, tag: str,
-               manifests: Sequence[tuple[PushedImage, str]], *, docker_media_types: bool = False,
-               session: requests.Session | None = None, registry_host: str | None = None) -> str:
+def push_index(
+    target: RegistryServer | str | Pusher,
+    repo: str,
+    tag: str,
+    manifests: Sequence[tuple[PushedImage, str]],
+    *,
+    docker_media_types: bool = False,
+    session: requests.Session | None = None,
+    registry_host: str | None = None,
+) -> str:
     """Push an OCI index (or Docker manifest list) of (image, "os/arch[/variant]") pairs."""
     t = _target(target, session, registry_host)
     entries = []
@@ -761,13 +901,24 @@ def push_index(target: RegistryServer | str | Pusher, repo: str, tag: str,
         p: dict[str, str] = {"os": parts[0], "architecture": parts[1]}
         if len(parts) > 2:
             p["variant"] = parts[2]
-        entries.append({"mediaType": DOCKER_MANIFEST if docker_media_types else OCI_MANIFEST,
-                        "digest": img.digest, "size": img.size, "platform": p})
+        entries.append(
+            {
+                "mediaType": DOCKER_MANIFEST if docker_media_types else OCI_MANIFEST,
+                "digest": img.digest,
+                "size": img.size,
+                "platform": p,
+            }
+        )
     mtype = DOCKER_LIST if docker_media_types else OCI_INDEX
     body = json.dumps({"schemaVersion": 2, "mediaType": mtype, "manifests": entries}).encode()
     return t.manifest(repo, tag, body, mtype)
 
 
-def push_blob(target: RegistryServer | str | Pusher, repo: str, data: bytes,
-              session: requests.Session | None = None, registry_host: str | None = None) -> str:
+def push_blob(
+    target: RegistryServer | str | Pusher,
+    repo: str,
+    data: bytes,
+    session: requests.Session | None = None,
+    registry_host: str | None = None,
+) -> str:
     return _target(target, session, registry_host).blob(repo, data)

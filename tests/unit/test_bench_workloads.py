@@ -28,16 +28,19 @@ from tests.support.registry import AccessEntry  # noqa: E402
 
 
 def test_parse_strace_keeps_successful_opens_after_chroot_in_order() -> None:
-    text = "\n".join([
-        '100 openat(AT_FDCWD, "/etc/ld.so.cache", O_RDONLY|O_CLOEXEC) = 3',  # host, before chroot
-        '100 chroot("/srv/root") = 0',
-        '100 execve("/usr/bin/python3", ["python3", "-c", "..."], 0x7ff /* 3 vars */) = 0',
-        '100 openat(AT_FDCWD, "/usr/lib/libm.so.6", O_RDONLY|O_CLOEXEC) = 3',
-        '100 openat(AT_FDCWD, "/usr/lib/missing.so", O_RDONLY|O_CLOEXEC) = -1 ENOENT (No such)',
-        '101 open("/usr/lib/libm.so.6", O_RDONLY) = 4',
-        '101 openat(AT_FDCWD, "/usr/lib/python3/numpy", O_RDONLY|O_DIRECTORY) = 5',
-        "101 +++ exited with 0 +++",
-    ])
+    text = "\n".join(
+        [
+            # the host's, before the chroot
+            '100 openat(AT_FDCWD, "/etc/ld.so.cache", O_RDONLY|O_CLOEXEC) = 3',
+            '100 chroot("/srv/root") = 0',
+            '100 execve("/usr/bin/python3", ["python3", "-c", "..."], 0x7ff /* 3 vars */) = 0',
+            '100 openat(AT_FDCWD, "/usr/lib/libm.so.6", O_RDONLY|O_CLOEXEC) = 3',
+            '100 openat(AT_FDCWD, "/usr/lib/missing.so", O_RDONLY|O_CLOEXEC) = -1 ENOENT (No such)',
+            '101 open("/usr/lib/libm.so.6", O_RDONLY) = 4',
+            '101 openat(AT_FDCWD, "/usr/lib/python3/numpy", O_RDONLY|O_DIRECTORY) = 5',
+            "101 +++ exited with 0 +++",
+        ]
+    )
     files = {"/usr/bin/python3": "usr/bin/python3.11", "/usr/lib/libm.so.6": "usr/lib/libm.so.6"}
     got = bw.parse_strace(text, files.get)
     assert got == ["usr/bin/python3.11", "usr/lib/libm.so.6"]
@@ -69,11 +72,18 @@ def _tree(root: Path, files: dict[str, bytes]) -> None:
 
 def test_layer_diff_adds_changes_with_parents_and_whites_out_removals(tmp_path: Path) -> None:
     lower_root, upper_root = tmp_path / "lower", tmp_path / "upper"
-    common = {"etc/keep": b"same", "etc/edit": b"old", "var/gone/a": b"1", "var/gone/b": b"2",
-              "usr/old": b"x"}
+    common = {
+        "etc/keep": b"same",
+        "etc/edit": b"old",
+        "var/gone/a": b"1",
+        "var/gone/b": b"2",
+        "usr/old": b"x",
+    }
     _tree(lower_root, common)
-    _tree(upper_root, {k: v for k, v in common.items() if not k.startswith("var/gone")
-                       and k != "usr/old"})
+    _tree(
+        upper_root,
+        {k: v for k, v in common.items() if not k.startswith("var/gone") and k != "usr/old"},
+    )
     _tree(upper_root, {"etc/edit": b"new!", "usr/lib/new/mod.py": b"print()"})
     (upper_root / "var").mkdir(exist_ok=True)
     lower, upper = bw.snapshot(lower_root), bw.snapshot(upper_root)
@@ -99,8 +109,14 @@ def test_tar_tree_is_read_by_the_writers(tmp_path: Path) -> None:
     bw.tar_tree(root, bw.tree_paths(snap), ["etc/.wh.old"], out)
     tar = out.read_bytes()
     names = [m.name for m in scan_tar(tar).members]
-    assert {"usr/bin/tool", "etc/conf", "etc/conf.hard", "usr/bin/link", "etc/fifo",
-            "etc/.wh.old"} <= set(names)
+    assert {
+        "usr/bin/tool",
+        "etc/conf",
+        "etc/conf.hard",
+        "usr/bin/link",
+        "etc/fifo",
+        "etc/.wh.old",
+    } <= set(names)
     with tarfile.open(out) as tf:
         assert tf.getmember("etc/conf.hard").islnk() or tf.getmember("etc/conf").islnk()
         assert tf.getmember("usr/bin/link").issym()
@@ -145,12 +161,14 @@ def _entry(method: str, path: str, sent: int) -> AccessEntry:
 
 
 def test_layer_bytes_sent_counts_gets_of_the_named_blobs_only() -> None:
-    log = [_entry("GET", "/v2/bench/large/blobs/sha256:aa", 100),
-           _entry("GET", "/v2/bench/large/blobs/sha256:aa", 50),
-           _entry("HEAD", "/v2/bench/large/blobs/sha256:aa", 0),
-           _entry("GET", "/v2/bench/large/blobs/sha256:bb", 7),
-           _entry("GET", "/v2/bench/large/blobs/sha256:cfg", 999),
-           _entry("GET", "/v2/bench/large/manifests/estargz", 888)]
+    log = [
+        _entry("GET", "/v2/bench/large/blobs/sha256:aa", 100),
+        _entry("GET", "/v2/bench/large/blobs/sha256:aa", 50),
+        _entry("HEAD", "/v2/bench/large/blobs/sha256:aa", 0),
+        _entry("GET", "/v2/bench/large/blobs/sha256:bb", 7),
+        _entry("GET", "/v2/bench/large/blobs/sha256:cfg", 999),
+        _entry("GET", "/v2/bench/large/manifests/estargz", 888),
+    ]
     assert bp.layer_bytes_sent(log, ["sha256:aa", "sha256:bb"]) == 157
     assert bp.layer_bytes_sent(log, []) == 0
 
@@ -162,8 +180,9 @@ def test_targets_are_judged_on_ratio_or_absolute_value() -> None:
     assert slow.met is False
     other = bp.make_row("lazy", "large", "estargz", "lazy.bg_off.seconds", 5.0, "s", 10.0)
     assert other.target is None and other.met is None
-    speed = bp.make_row("fs", "small", "estargz", "fs.largest_warm.throughput", 900.0, "MB/s",
-                        3000.0)
+    speed = bp.make_row(
+        "fs", "small", "estargz", "fs.largest_warm.throughput", 900.0, "MB/s", 3000.0
+    )
     assert speed.met is False  # absolute: 900 MB/s < 1 GB/s, whatever the tmpfs ratio
     mem = bp.make_row("memory", "large", "estargz", "memory.rss_walked", 79.0, "MB")
     assert mem.met is True and mem.ratio is None
@@ -171,13 +190,41 @@ def test_targets_are_judged_on_ratio_or_absolute_value() -> None:
 
 
 def test_rows_as_json_and_markdown() -> None:
-    rows = [bp.make_row("lazy", "large", "gzip", "baseline.seconds", 12.3456, "s",
-                        note="normal pull", runs=[12.0, 12.3456]),
-            bp.make_row("lazy", "large", "estargz-prio", "lazy.bg_off.registry_bytes",
-                        3_000_000, "B", 80_000_000, "image's compressed layers")]
+    rows = [
+        bp.make_row(
+            "lazy",
+            "large",
+            "gzip",
+            "baseline.seconds",
+            12.3456,
+            "s",
+            note="normal pull",
+            runs=[12.0, 12.3456],
+        ),
+        bp.make_row(
+            "lazy",
+            "large",
+            "estargz-prio",
+            "lazy.bg_off.registry_bytes",
+            3_000_000,
+            "B",
+            80_000_000,
+            "image's compressed layers",
+        ),
+    ]
     d = rows[1].json()
-    assert {"bench", "workload", "variant", "metric", "value", "unit", "baseline", "ratio",
-            "target", "met"} <= set(d)
+    assert {
+        "bench",
+        "workload",
+        "variant",
+        "metric",
+        "value",
+        "unit",
+        "baseline",
+        "ratio",
+        "target",
+        "met",
+    } <= set(d)
     assert d["ratio"] == pytest.approx(3 / 80, abs=1e-4) and d["met"] is True
     assert rows[0].json()["runs"] == [12.0, 12.3456]
     json.dumps([r.json() for r in rows])
@@ -190,9 +237,11 @@ def test_rows_as_json_and_markdown() -> None:
 
 def test_chart_draws_the_lazy_rows(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    rows = [bp.make_row("lazy", "small", "gzip", "baseline.seconds", 4.0, "s"),
-            bp.make_row("lazy", "small", "estargz", "lazy.bg_off.seconds", 1.0, "s", 4.0),
-            bp.make_row("lazy", "small", "estargz", "lazy.bg_on.seconds", 1.2, "s", 4.0)]
+    rows = [
+        bp.make_row("lazy", "small", "gzip", "baseline.seconds", 4.0, "s"),
+        bp.make_row("lazy", "small", "estargz", "lazy.bg_off.seconds", 1.0, "s", 4.0),
+        bp.make_row("lazy", "small", "estargz", "lazy.bg_on.seconds", 1.2, "s", 4.0),
+    ]
     path = tmp_path / "c.png"
     assert bp.chart(rows, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -27,8 +27,6 @@ REF = "registry.test/app:1"
 REF2 = "registry.test/other:2"
 
 
-
-
 FILES = {f"usr/lib/f{i:02d}": noise(f"f{i}", 20_000 + 3_000 * i) for i in range(20)}
 FILES["usr/lib/big"] = noise("big", 700_000)
 
@@ -180,9 +178,7 @@ async def test_background_fetch_waits_for_readers(tmp_path: Path, layer: BuiltLa
         await wait_for(lambda: lay.complete)
 
 
-async def test_background_fetch_survives_registry_errors(
-    tmp_path: Path, layer: BuiltLayer
-) -> None:
+async def test_background_fetch_survives_registry_errors(tmp_path: Path, layer: BuiltLayer) -> None:
     src = FakeSource()
     src.add_image(REF, [layer])
     async with running(

@@ -118,7 +118,6 @@ def test_convert_errors_are_one_clear_line(
     assert not (tmp_path / "o").exists()
 
 
-
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     """``als inspect BLOB | head``: no traceback when the reader has gone."""
     import subprocess

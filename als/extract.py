@@ -19,14 +19,16 @@ from pathlib import Path
 from als.errors import AlsError, VerifyError
 from als.formats.decode import iter_file
 from als.formats.model import Entry, EntryType, LayerIndex, ReadRanges
+from als.overlay import (
+    OPAQUE_MARKER,
+    OPAQUE_VALUE,
+    TRUSTED_OPAQUE_XATTR,
+    WHITEOUT_PREFIX,
+    whiteout_target,
+)
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_WHITEOUT = ".wh..wh..opq"
-OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FD_CACHE = 64
-# ".wh." + "" / "." / "..": would name the directory itself or its parent; dropped.
-_BAD_WHITEOUTS = frozenset({".wh.", ".wh..", ".wh..."})
 
 
 class ExtractError(AlsError):
@@ -134,10 +136,10 @@ def _extract(
             stats.entries += 1
             if overlay and e.name.startswith(WHITEOUT_PREFIX) and e.type != EntryType.DIR:
                 stats.whiteouts += 1
-                if e.name == OPAQUE_WHITEOUT:
+                target = whiteout_target(e.name)
+                if e.name == OPAQUE_MARKER:
                     opaque.append(e.parent)
-                elif not e.name.startswith(WHITEOUT_PREFIX * 2) and e.name not in _BAD_WHITEOUTS:
-                    target = e.name[len(WHITEOUT_PREFIX) :]
+                elif target is not None:
                     _remove_existing(target, pfd)
                     os.mknod(target, stat.S_IFCHR, os.makedev(0, 0), dir_fd=pfd)
                     if as_root:
@@ -195,7 +197,7 @@ def _extract(
         # xattrs, opaque markers and times (creating children changed their mtimes).
         path = ""
         for d in opaque:
-            os.setxattr(dirs.get(d), OVERLAY_OPAQUE_XATTR, b"y")
+            os.setxattr(dirs.get(d), TRUSTED_OPAQUE_XATTR, OPAQUE_VALUE)
         if index.root_listed:
             dir_ids.append(0)
         for i in reversed(dir_ids):

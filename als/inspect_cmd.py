@@ -14,6 +14,7 @@ from als.errors import AlsError, ConfigError, FormatError, NotLazy
 from als.formats.decode import iter_file
 from als.formats.detect import load_index
 from als.formats.model import EntryType, LayerIndex, ReadRanges
+from als.overlay import is_whiteout_name
 
 _KIND_KEYS = {
     EntryType.REG: "regular_files",
@@ -80,7 +81,7 @@ def _counts(index: LayerIndex) -> dict[str, int]:
     for i in index.iter_ids():
         t = index.type(i)
         out[_KIND_KEYS[t]] += 1
-        if t != EntryType.DIR and index.entry_name(i).startswith(".wh."):
+        if t != EntryType.DIR and is_whiteout_name(index.entry_name(i)):
             whiteouts += 1
     out["whiteouts"] = whiteouts
     return out

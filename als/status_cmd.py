@@ -16,9 +16,8 @@ from pathlib import Path
 from time import sleep
 from typing import Any, TextIO
 
-DEFAULT_ROOT = "/var/lib/als"
-#: The control socket's name under ROOT (the daemon side is ``als.store.control``).
-SOCKET_NAME = ".als.sock"
+from als.paths import DEFAULT_ROOT, SOCKET_NAME
+
 TIMEOUT = 5.0
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 BAR_CELLS = 20

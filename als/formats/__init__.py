@@ -7,9 +7,6 @@ from __future__ import annotations
 
 from als.formats.decode import decode_chunk, iter_file, read_file, verify_file
 from als.formats.detect import (
-    ANN_MANIFEST_CHECKSUM,
-    ANN_MANIFEST_POSITION,
-    ANN_TOC_DIGEST,
     Footer,
     LayerAnnotations,
     detect_format,
@@ -18,8 +15,6 @@ from als.formats.detect import (
     sniff_plain,
 )
 from als.formats.model import (
-    FORMATS,
-    LAZY_FORMATS,
     MAX_DEPTH,
     MAX_ENTRIES,
     MAX_FILE_SIZE,
@@ -33,11 +28,9 @@ from als.formats.model import (
     LayerIndex,
     ReadRanges,
 )
+from als.oci import FORMATS, LAZY_FORMATS
 
 __all__ = [
-    "ANN_MANIFEST_CHECKSUM",
-    "ANN_MANIFEST_POSITION",
-    "ANN_TOC_DIGEST",
     "FORMATS",
     "LAZY_FORMATS",
     "MAX_DEPTH",

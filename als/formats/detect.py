@@ -6,11 +6,11 @@ sockets, so the store, the registry client and the CLI share them.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from als.digest import is_digest, sha256_of
 from als.errors import FormatError, NotLazy, VerifyError
 from als.formats.decode import DecodeError, gunzip_pieces, unzstd_pieces
 from als.formats.model import (
@@ -20,6 +20,12 @@ from als.formats.model import (
     ReadRanges,
 )
 from als.formats.toc import build_index, load_toc_json
+from als.oci import (
+    ANN_TOC_DIGEST,
+    MANIFEST_CHECKSUM_KEYS,
+    MANIFEST_POSITION_KEYS,
+    TARSPLIT_POSITION_KEYS,
+)
 
 TAIL_READ = 64 * 1024
 HEAD_READ = 512
@@ -34,13 +40,6 @@ ZSTD_CHUNKED_MAGIC_OLD = b"GnUlInUx"
 ZSTD_CHUNKED_MAGIC_NEW = b"GNUlInUx"
 _MANIFEST_TYPE_CRFS = 1
 _MAX_TOC_COMPRESSED = MAX_TOC_JSON + (16 << 20)
-
-ANN_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-ANN_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
-_CS_PREFIXES = ("io.github.containers.zstd-chunked.", "io.containers.zstd-chunked.")
-ANN_MANIFEST_CHECKSUM = tuple(p + "manifest-checksum" for p in _CS_PREFIXES)
-ANN_MANIFEST_POSITION = tuple(p + "manifest-position" for p in _CS_PREFIXES)
-ANN_TARSPLIT_POSITION = tuple(p + "tarsplit-position" for p in _CS_PREFIXES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,27 +87,19 @@ class LayerAnnotations:
         def dig(key: str, v: str | None) -> str | None:
             if v is None:
                 return None
-            if not (
-                len(v) == 71
-                and v.startswith("sha256:")
-                and all(c in "0123456789abcdef" for c in v[7:])
-            ):
+            if not is_digest(v):
                 raise FormatError(f"layer {layer}: annotation {key}={v!r:.80} is not a sha256")
             return v
 
         td = first((ANN_TOC_DIGEST,))  # type-checked like the others (a manifest is JSON)
-        mp = nums("manifest-position", first(ANN_MANIFEST_POSITION), 4)
-        tp = nums("tarsplit-position", first(ANN_TARSPLIT_POSITION), 3)
+        mp = nums("manifest-position", first(MANIFEST_POSITION_KEYS), 4)
+        tp = nums("tarsplit-position", first(TARSPLIT_POSITION_KEYS), 3)
         return cls(
             toc_digest=dig(ANN_TOC_DIGEST, td),
-            manifest_checksum=dig("manifest-checksum", first(ANN_MANIFEST_CHECKSUM)),
+            manifest_checksum=dig("manifest-checksum", first(MANIFEST_CHECKSUM_KEYS)),
             manifest_position=(mp[0], mp[1], mp[2], mp[3]) if mp else None,
             tarsplit_position=(tp[0], tp[1], tp[2]) if tp else None,
         )
-
-
-def _sha256(data: bytes | memoryview) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _hex16(b: bytes) -> int | None:
@@ -352,7 +343,7 @@ def load_index(
             f"{footer.kind} (gzip)"
         )
     js = _estargz_toc_json(region, layer)
-    digest = _sha256(js)
+    digest = sha256_of(js)
     fmt = footer.kind
     _check("TOC digest (annotation " + ANN_TOC_DIGEST + ")", ann.toc_digest, digest, layer)
     _check("TOC digest", expected_toc_digest, digest, layer)
@@ -379,10 +370,10 @@ def _finish_zstd(
     blob_size: int,
     layer: str,
 ) -> LayerIndex:
-    comp_digest = _sha256(comp)
+    comp_digest = sha256_of(comp)
     _check("manifest checksum (annotation)", ann.manifest_checksum, comp_digest, layer)
     js = _zstd_toc_json(comp, footer.ulength, layer)
-    json_digest = _sha256(js)
+    json_digest = sha256_of(js)
     _check("TOC digest (annotation " + ANN_TOC_DIGEST + ")", ann.toc_digest, json_digest, layer)
     if ann.toc_digest is not None:
         sg = True

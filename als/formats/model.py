@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from als.errors import FormatError
-
-FORMATS = ("estargz", "stargz-legacy", "estargz-zstd", "zstd-chunked", "gzip", "zstd", "tar")
-LAZY_FORMATS = ("estargz", "stargz-legacy", "estargz-zstd", "zstd-chunked")
+from als.oci import LAZY_FORMATS
 
 # Limits applied while validating a TOC (hostile input must not exhaust memory or time).
 MAX_ENTRIES = 2_000_000  # entries in the tree

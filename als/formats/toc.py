@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+from als import digest
 from als.errors import FormatError
 from als.formats.model import (
     MAX_FILE_SIZE,
@@ -54,16 +55,7 @@ _MAX_ARRAYS = MAX_TOC_RECORDS
 
 def parse_digest(value: object) -> bytes:
     """``sha256:<64 lowercase hex>`` -> the raw 32 bytes; ValueError otherwise."""
-    if type(value) is str and len(value) == 71 and value.startswith("sha256:"):
-        h = value[7:]
-        try:
-            raw = bytes.fromhex(h)
-        except ValueError:
-            raw = b""
-        # 32 bytes from 64 characters means no whitespace was skipped; lowercase only.
-        if len(raw) == 32 and h == h.lower():
-            return raw
-    raise ValueError(f"invalid digest {value!r:.90}")
+    return digest.raw_of(value)
 
 
 def parse_time_ns(value: str) -> int:

@@ -33,8 +33,20 @@ from typing import Literal
 
 import zstandard
 
+from als.digest import sha256_of
 from als.errors import FormatError
 from als.formats.tarsplit import BLOCK, TarMember, TarScan, build_tarsplit, go_json, scan_tar
+from als.oci import (
+    ANN_LEGACY_MANIFEST_CHECKSUM,
+    ANN_LEGACY_MANIFEST_POSITION,
+    ANN_MANIFEST_CHECKSUM,
+    ANN_MANIFEST_POSITION,
+    ANN_TARSPLIT_POSITION,
+    ANN_TOC_DIGEST,
+    ANN_UNCOMPRESSED_SIZE,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+)
 
 __all__ = [
     "ESTARGZ_UNCOMPRESSED_SIZE",
@@ -61,16 +73,17 @@ __all__ = [
 
 MiB = 1 << 20
 
-GZIP_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
-ZSTD_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd"
+GZIP_MEDIA_TYPE = OCI_LAYER_GZIP
+ZSTD_MEDIA_TYPE = OCI_LAYER_ZSTD
 
-TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-ESTARGZ_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
-MANIFEST_CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
-MANIFEST_POSITION = "io.github.containers.zstd-chunked.manifest-position"
-TARSPLIT_POSITION = "io.github.containers.zstd-chunked.tarsplit-position"
-LEGACY_MANIFEST_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
-LEGACY_MANIFEST_POSITION = "io.containers.zstd-chunked.manifest-position"
+# The annotation keys the writers set, under the names the writer API has always used.
+TOC_DIGEST = ANN_TOC_DIGEST
+ESTARGZ_UNCOMPRESSED_SIZE = ANN_UNCOMPRESSED_SIZE
+MANIFEST_CHECKSUM = ANN_MANIFEST_CHECKSUM
+MANIFEST_POSITION = ANN_MANIFEST_POSITION
+TARSPLIT_POSITION = ANN_TARSPLIT_POSITION
+LEGACY_MANIFEST_CHECKSUM = ANN_LEGACY_MANIFEST_CHECKSUM
+LEGACY_MANIFEST_POSITION = ANN_LEGACY_MANIFEST_POSITION
 
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -82,10 +95,6 @@ _MAGIC_OLD = b"GnUlInUx"  # 40-byte footer (containers/storage <= 1.46, stargz-s
 _MAGIC_NEW = b"GNUlInUx"  # 64-byte footer (containers/storage >= 1.50)
 _HOLE_THRESHOLD = 1024
 _ZERO_TIME = "0001-01-01T00:00:00Z"
-
-
-def _sha256(b: bytes) -> str:
-    return "sha256:" + hashlib.sha256(b).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ def _layer(
 ) -> BuiltLayer:
     return BuiltLayer(
         blob=blob,
-        digest=_sha256(blob),
+        digest=sha256_of(blob),
         size=len(blob),
         diff_id=diff_id,
         toc_digest=toc_digest,
@@ -416,7 +425,7 @@ def build_estargz(
         if d["type"] != "reg":
             toc.append(_finish_estargz_entry(d))
             continue
-        d["digest"] = _sha256(e.payload)
+        d["digest"] = sha256_of(e.payload)
         written = 0
         while written < size:
             cs = min(chunk_size, size - written)
@@ -436,7 +445,7 @@ def build_estargz(
             if size - written >= chunk_size:  # as stargz-snapshotter: not on a short last chunk
                 d["chunkSize"] = cs
             d["chunkOffset"] = written
-            d["chunkDigest"] = _sha256(chunk)
+            d["chunkDigest"] = sha256_of(chunk)
             fr.write(chunk)
             toc.append(_finish_estargz_entry(d))
             written += cs
@@ -446,7 +455,7 @@ def build_estargz(
         fr.write(_pad(size))
     toc_offset = fr.close()
     toc_json = go_json({"version": 1, "entries": toc}, indent="\t")
-    toc_digest = _sha256(toc_json)
+    toc_digest = sha256_of(toc_json)
 
     if compression == "gzip":
         fr.write(_ustar_header(TOC_TAR_NAME.encode(), size=len(toc_json)))
@@ -482,7 +491,7 @@ def build_estargz(
     blob = bytes(fr.blob) + _skippable(compressed) + _skippable(footer_payload)
     annotations = {
         TOC_DIGEST: toc_digest,
-        LEGACY_MANIFEST_CHECKSUM: _sha256(compressed),
+        LEGACY_MANIFEST_CHECKSUM: sha256_of(compressed),
         LEGACY_MANIFEST_POSITION: f"{manifest_off}:{len(compressed)}:{len(toc_json)}:1",
         ESTARGZ_UNCOMPRESSED_SIZE: str(fr.usize),
     }
@@ -645,14 +654,14 @@ def build_zstd_chunked(
                 data, zero_runs=zero_runs, fixed=chunk_size if chunking == "fixed" else None
             )
             main["offset"] = fr.close()
-            main["digest"] = _sha256(data)
+            main["digest"] = sha256_of(data)
             recs: list[dict[str, object]] = []
             for a, b, zeros in chunks:
                 rec = {
                     "offset": fr.pos,
                     "chunkSize": b - a,
                     "chunkOffset": a,
-                    "chunkDigest": _sha256(data[a:b]),
+                    "chunkDigest": sha256_of(data[a:b]),
                     "chunkType": "zeros" if zeros else "",
                 }
                 fr.write(data[a:b])
@@ -681,7 +690,7 @@ def build_zstd_chunked(
         compressed = zc.compress(toc_json)
         footer = struct.pack("<4Q", manifest_off, len(compressed), len(toc_json), 1) + _MAGIC_OLD
         blob = bytes(fr.blob) + _skippable(compressed) + _skippable(footer)
-        checksum = _sha256(compressed)
+        checksum = sha256_of(compressed)
         annotations = {
             LEGACY_MANIFEST_CHECKSUM: checksum,
             LEGACY_MANIFEST_POSITION: f"{manifest_off}:{len(compressed)}:{len(toc_json)}:1",
@@ -690,7 +699,9 @@ def build_zstd_chunked(
 
     tarsplit = build_tarsplit(tar, scan)
     ts_compressed = zc.compress(tarsplit)
-    toc_json = go_json({"version": 1, "entries": entries, "tarSplitDigest": _sha256(ts_compressed)})
+    toc_json = go_json(
+        {"version": 1, "entries": entries, "tarSplitDigest": sha256_of(ts_compressed)}
+    )
     compressed = zc.compress(toc_json)
     ts_off = manifest_off + len(compressed) + 8
     footer = (
@@ -707,7 +718,7 @@ def build_zstd_chunked(
         + _MAGIC_NEW
     )
     blob = bytes(fr.blob) + _skippable(compressed) + _skippable(ts_compressed) + _skippable(footer)
-    checksum = _sha256(compressed)
+    checksum = sha256_of(compressed)
     annotations = {
         MANIFEST_CHECKSUM: checksum,
         MANIFEST_POSITION: f"{manifest_off}:{len(compressed)}:{len(toc_json)}:1",
@@ -721,13 +732,13 @@ def build_zstd_chunked(
 
 def build_gzip(tar: bytes, *, level: int = 6) -> BuiltLayer:
     """The tar as one ordinary gzip member: a valid layer that is not lazily pullable."""
-    return _layer(_gzip_member(tar, level), _sha256(tar), "", {}, GZIP_MEDIA_TYPE, "gzip")
+    return _layer(_gzip_member(tar, level), sha256_of(tar), "", {}, GZIP_MEDIA_TYPE, "gzip")
 
 
 def build_zstd(tar: bytes, *, level: int = 3) -> BuiltLayer:
     """The tar as one ordinary zstd frame: a valid layer that is not lazily pullable."""
     blob = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(tar)
-    return _layer(blob, _sha256(tar), "", {}, ZSTD_MEDIA_TYPE, "zstd")
+    return _layer(blob, sha256_of(tar), "", {}, ZSTD_MEDIA_TYPE, "zstd")
 
 
 # --- tar_from_spec ---------------------------------------------------------------------------

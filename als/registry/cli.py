@@ -10,16 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from als.errors import AlsError, NotLazy
+from als.oci import LAZY_FORMATS, format_of_descriptor, toc_digest_of
 from als.registry.auth import CredentialStore
 from als.registry.client import LayerDescriptor, RegistryClient
 from als.registry.config import RegistriesConf
-
-ANN_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-ANN_ZSTD_CHECKSUM = (
-    "io.github.containers.zstd-chunked.manifest-checksum",
-    "io.containers.zstd-chunked.manifest-checksum",
-)
-LAZY = ("estargz", "stargz-legacy", "estargz-zstd", "zstd-chunked")
 
 
 @dataclass
@@ -43,25 +37,12 @@ class LayerReport:
 
 def format_from_descriptor(desc: LayerDescriptor) -> tuple[str, str | None]:
     """(format, TOC digest) as far as the manifest's descriptor tells."""
-    ann = desc.annotations
-    mt = desc.media_type
-    zstd = "zstd" in mt
-    checksum = next((ann[k] for k in ANN_ZSTD_CHECKSUM if k in ann), None)
-    if checksum:
-        return "zstd-chunked", checksum
-    if ANN_TOC_DIGEST in ann:
-        return ("estargz-zstd" if zstd else "estargz"), ann[ANN_TOC_DIGEST]
-    if zstd:
-        return "zstd", None
-    if "gzip" in mt:
-        return "gzip", None
-    if mt.endswith(".tar") or mt.endswith("tar.layer") or mt.endswith("rootfs.diff.tar"):
-        return "tar", None
-    return "unknown", None
+    fmt = format_of_descriptor(desc.media_type, desc.annotations)
+    return fmt, (toc_digest_of(desc.annotations) if fmt in LAZY_FORMATS else None)
 
 
 def _lazy(fmt: str, toc_digest: str | None, diff_id: str | None) -> tuple[bool, str]:
-    if fmt not in LAZY:
+    if fmt not in LAZY_FORMATS:
         return False, f"{fmt} layers have no TOC"
     if not toc_digest:
         return False, "no TOC digest in the layer annotations (podman looks layers up by it)"

@@ -45,7 +45,9 @@ import urllib3
 from requests.utils import DEFAULT_CA_BUNDLE_PATH
 
 from als import __version__
+from als.digest import sha256_of
 from als.errors import AuthError, NotFound, RegistryError, VerifyError
+from als.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from als.registry.auth import (
     DEFAULT_AUTH_REALM_HOSTS,
     Challenge,
@@ -73,11 +75,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 MANIFEST_ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
@@ -413,10 +410,6 @@ def _retry_after(resp: requests.Response) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class RegistryClient:
@@ -1085,7 +1078,7 @@ class RegistryClient:
         self._check_status(resp, what, ep.host)
         with resp:
             body = self._read_all(resp, MAX_MANIFEST_SIZE, deadline, what)
-            digest = _sha256(body)
+            digest = sha256_of(body)
             if reference.startswith("sha256:") and digest != reference:
                 raise VerifyError(f"{what}: body has digest {digest}, not the one asked for")
             header = resp.headers.get("Docker-Content-Digest")
@@ -1209,7 +1202,7 @@ class RegistryClient:
         self._check_status(resp, what, ep.host)
         with resp:
             data = self._read_all(resp, MAX_CONFIG_SIZE, deadline, what)
-        got = _sha256(data)
+        got = sha256_of(data)
         if got != digest:
             raise VerifyError(f"{what}: content has digest {got}")
         if size >= 0 and len(data) != size:
@@ -1560,7 +1553,7 @@ class RegistryClient:
     # ---- push (tests, demos) ---------------------------------------------------------------
     def push_blob(self, ref: ImageRef | str, data: bytes, *, deadline: float | None = None) -> str:
         r = self._ref(ref)
-        digest = _sha256(data)
+        digest = sha256_of(data)
         ep = self.conf.endpoints(r.with_digest(digest))[-1]
         dl = self._deadline(deadline)
         what = f"push blob {digest} to {ep}"
@@ -1623,7 +1616,7 @@ class RegistryClient:
         deadline: float | None = None,
     ) -> str:
         r = self._ref(ref)
-        digest = _sha256(manifest)
+        digest = sha256_of(manifest)
         ep = self.conf.endpoints(r)[-1]
         tag = r.tag or digest
         dl = self._deadline(deadline)

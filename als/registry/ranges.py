@@ -6,10 +6,22 @@ Ranges are ``(offset, length)`` pairs as in the client API; regions are half-ope
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+
+from als.ranges import Region, coalesce
 
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+__all__ = [
+    "RangeParseError",
+    "Region",
+    "coalesce",
+    "extract",
+    "multipart_boundary",
+    "parse_content_range",
+    "parse_multipart_byteranges",
+    "range_header",
+]
+
 _BOUNDARY_RE = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 
 
@@ -19,46 +31,6 @@ class RangeParseError(ValueError):
     def __init__(self, message: str, *, truncated: bool = False) -> None:
         super().__init__(message)
         self.truncated = truncated
-
-
-@dataclass(frozen=True, order=True)
-class Region:
-    """A half-open byte interval ``[start, end)`` of a blob."""
-
-    start: int
-    end: int
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
-
-    def header_spec(self) -> str:
-        return f"{self.start}-{self.end - 1}"
-
-
-def coalesce(
-    ranges: Iterable[tuple[int, int]], *, max_gap: int = 0, max_size: int | None = None
-) -> list[Region]:
-    """Sorted, merged regions covering every non-empty ``(offset, length)`` in ``ranges``.
-
-    Regions closer than ``max_gap`` bytes are merged (fetching the gap is cheaper than another
-    request), unless the merged region would grow beyond ``max_size``. Overlapping or touching
-    regions are always merged.
-    """
-    regions = sorted(Region(off, off + n) for off, n in ranges if n > 0)
-    out: list[Region] = []
-    for r in regions:
-        if out:
-            last = out[-1]
-            gap = r.start - last.end
-            merged_end = max(last.end, r.end)
-            if gap <= 0 or (
-                gap <= max_gap and (max_size is None or merged_end - last.start <= max_size)
-            ):
-                out[-1] = Region(last.start, merged_end)
-                continue
-        out.append(r)
-    return out
 
 
 def range_header(regions: Sequence[Region]) -> str:

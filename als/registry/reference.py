@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from als.digest import is_digest
 from als.errors import ConfigError
 
 DOCKER_HUB = "docker.io"
@@ -30,7 +31,6 @@ _DOMAIN_RE = re.compile(rf"^{_DOMAIN}$")
 _PATH_RE = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
 _TAG_RE = re.compile(rf"^{_TAG}$")
 _DIGEST_RE = re.compile(rf"^{_DIGEST}$")
-_SHA256_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _LOOPBACK_RE = re.compile(r"^(?:localhost|127(?:\.\d{1,3}){3}|\[::1\])(?::\d+)?$")
 
 
@@ -77,7 +77,7 @@ def is_loopback_host(host: str) -> bool:
 
 def validate_digest(digest: str) -> str:
     """Return ``digest`` if it is a well-formed ``sha256:<64 hex>``, else raise ReferenceError."""
-    if not _SHA256_RE.match(digest):
+    if not is_digest(digest):
         raise ReferenceError(
             f"invalid or unsupported digest {digest[:80]!r} (want sha256:<64 hex>)"
         )

@@ -32,66 +32,21 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from als.digest import hex_of
+from als.ranges import covers, merge, subtract
+
 log = logging.getLogger(__name__)
 
-_HEX = frozenset("0123456789abcdef")
 _TOUCH_EVERY = 60.0  # seconds between mtime updates that persist a unit's recency
 _RETRY_DEGRADED = 30.0  # seconds before writes are tried again after a failure
 _LOW_WATER = 0.9  # eviction frees down to this fraction of the limit
 _RECORD_EVERY = 1.0  # seconds between rewrites of a download's ranges record
 _RECORD_NOW = 256 * 1024  # a write at least this large is recorded at once
-
-
-def hex_of(digest: str) -> str:
-    """The hex part of a ``sha256:<64 hex>`` digest; ValueError for anything else."""
-    algo, _, hexpart = digest.partition(":")
-    if algo != "sha256" or len(hexpart) != 64 or not set(hexpart) <= _HEX:
-        raise ValueError(f"not a sha256 digest: {digest!r}")
-    return hexpart
-
-
-def merge_ranges(ranges: Iterable[tuple[int, int]], gap: int = 0) -> list[tuple[int, int]]:
-    """Sorted, merged (start, end) ranges; empty ranges dropped.
-
-    Ranges that overlap, touch or lie within ``gap`` bytes of each other become one.
-    """
-    out: list[tuple[int, int]] = []
-    for s, e in sorted(r for r in ranges if r[1] > r[0]):
-        if out and s <= out[-1][1] + gap:
-            if e > out[-1][1]:
-                out[-1] = (out[-1][0], e)
-        else:
-            out.append((s, e))
-    return out
-
-
-def subtract_ranges(
-    whole: tuple[int, int], present: Iterable[tuple[int, int]]
-) -> list[tuple[int, int]]:
-    """The parts of ``whole`` not covered by ``present``."""
-    missing: list[tuple[int, int]] = []
-    pos, end = whole
-    for s, e in merge_ranges(present):
-        if e <= pos:
-            continue
-        if s >= end:
-            break
-        if s > pos:
-            missing.append((pos, s))
-        pos = max(pos, e)
-    if pos < end:
-        missing.append((pos, end))
-    return missing
-
-
-def covers(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
-    """True if one of the merged ``ranges`` contains [start, end)."""
-    return any(s <= start and end <= e for s, e in ranges)
 
 
 @dataclass
@@ -214,13 +169,13 @@ class Ingest:
             have = 0
         # Never trust a record beyond what the data file holds, or beyond the blob.
         limit = min(have, self.size)
-        self.ranges = merge_ranges((s, min(e, limit)) for s, e in ranges if 0 <= s < limit)
+        self.ranges = merge((s, min(e, limit)) for s, e in ranges if 0 <= s < limit)
 
     def present(self) -> int:
         return sum(e - s for s, e in self.ranges)
 
     def missing(self) -> list[tuple[int, int]]:
-        return subtract_ranges((0, self.size), self.ranges)
+        return subtract((0, self.size), self.ranges)
 
     def complete(self) -> bool:
         return not self.missing()
@@ -237,7 +192,7 @@ class Ingest:
             except OSError as exc:
                 self.cache.write_failed(exc)
                 return False
-            new = merge_ranges([*self.ranges, (offset, offset + len(data))])
+            new = merge([*self.ranges, (offset, offset + len(data))])
             grown = sum(e - s for s, e in new) - self.present()
             self.ranges = new
             # The record follows the data: at once for large writes (background pieces), at

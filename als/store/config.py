@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from als.errors import ConfigError
+from als.paths import DEFAULT_ROOT, pool_dir
 
 
 @dataclass
 class StoreConfig:
-    root: Path = Path("/var/lib/als")
+    root: Path = Path(DEFAULT_ROOT)
     # Registry access
     registries_conf: str | None = None  # default: /etc/containers/registries.conf (+ .d)
     authfile: str | None = None  # default: the usual podman/docker auth files
@@ -91,7 +92,7 @@ class StoreConfig:
 
     @property
     def pool(self) -> Path:
-        return self.root / ".pool"
+        return pool_dir(self.root)
 
 
 def _check(name: str, default: object, value: object) -> object:

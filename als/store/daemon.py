@@ -23,7 +23,7 @@ import trio
 
 from als import __version__
 from als.errors import AlsError
-from als.status_cmd import SOCKET_NAME
+from als.paths import SOCKET_NAME
 from als.store.config import StoreConfig
 from als.store.control import serve_control
 from als.store.fuse_ops import Operations
@@ -149,6 +149,9 @@ def make_source(cfg: StoreConfig) -> Source:
         connect_timeout=cfg.connect_timeout,
         read_timeout=cfg.read_timeout,
         auth_realm_hosts=cfg.auth_realm_hosts,
+        # One gap for both: the store coalesces chunk ranges with it, and the client then merges
+        # nothing further unless a caller hands it ranges of its own.
+        coalesce_gap=cfg.coalesce_gap,
     )
 
 

@@ -21,13 +21,14 @@ import pyfuse3
 import trio
 from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, FUSEError, InodeT
 
+from als.digest import is_digest
 from als.errors import AlsError
 from als.formats import EntryType
+from als.overlay import OPAQUE_XATTRS
 from als.store.config import StoreConfig
 from als.store.layers import LayerManager
 from als.store.nodes import (
     INSTANCE_SHIFT,
-    OPAQUE_XATTRS,
     Instance,
     Namespace,
     StoreNode,
@@ -39,7 +40,6 @@ from als.store.protocol import (
     ANN_LAYER_DIGEST,
     ANN_REFERENCE,
     info_json,
-    is_digest,
     parse_annotation_segment,
     parse_ref_segment,
     parse_rootfs_name,

@@ -31,10 +31,12 @@ import trio
 from als import __version__
 from als.errors import AlsError, FormatError, NotFound, NotLazy, RegistryError, VerifyError
 from als.formats import Chunk, EntryType, LayerIndex, decode_chunk, load_index, verify_file
+from als.oci import ANN_UNCOMPRESSED_SIZE, toc_digest_of
+from als.ranges import merge as merge_spans
 from als.registry.client import LayerDescriptor
-from als.store.cache import DiskCache, Ingest, LayerRecord, merge_ranges
+from als.store.cache import DiskCache, Ingest, LayerRecord
 from als.store.config import StoreConfig
-from als.store.protocol import UNCOMPRESSED_SIZE_ANNOTATION, LayerInfo, toc_digest_of
+from als.store.protocol import LayerInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -527,7 +529,7 @@ class Layer:
         m = self.manager
         need = [c for _, c in pending if not c.zeros]
         gap = _PREFETCH_GAP if kind in ("prefetch", "readahead") else m.cfg.coalesce_gap
-        spans = merge_ranges([(c.coffset, c.cend) for c in need], gap)
+        spans = merge_spans([(c.coffset, c.cend) for c in need], gap)
         if not spans:
             return {}, []
         deadline = time.monotonic() + m.cfg.read_timeout
@@ -1309,7 +1311,7 @@ class LayerManager:
         existing = self.layers.get(rec.blob_digest)
         if existing is not None:  # another lookup won the race
             return existing
-        usize_text = rec.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION, "")
+        usize_text = rec.annotations.get(ANN_UNCOMPRESSED_SIZE, "")
         info = LayerInfo(
             blob_digest=rec.blob_digest,
             blob_size=rec.blob_size,

@@ -13,13 +13,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from als.formats import EntryType, LayerIndex
+from als.overlay import (
+    OPAQUE_MARKER,
+    WHITEOUT_PREFIX,
+    whiteout_name,
+    whiteout_target,
+)
 from als.store.layers import Layer
 
 ROOT_INODE = 1
 INSTANCE_SHIFT = 32
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 
 
 @dataclass(eq=False)
@@ -76,9 +79,9 @@ class Listing:
                 opaque = True
                 continue
             if name.startswith(WHITEOUT_PREFIX):
-                hidden = name[len(WHITEOUT_PREFIX) :]
-                if not hidden or index.child(dir_id, hidden) is not None:
-                    continue
+                hidden = whiteout_target(name)
+                if hidden is None or index.child(dir_id, hidden) is not None:
+                    continue  # aufs metadata, a whiteout of "." or "..", or shadowed
                 name = hidden
             out.append((name.encode("utf-8", "surrogateescape"), cid))
         out.sort()
@@ -95,7 +98,7 @@ def resolve_child(index: LayerIndex, dir_id: int, name: str) -> tuple[int, bool]
     cid = index.child(dir_id, name)
     if cid is not None:
         return cid, False
-    wid = index.child(dir_id, WHITEOUT_PREFIX + name)
+    wid = index.child(dir_id, whiteout_name(name))
     if wid is not None:
         return wid, True
     return None
@@ -103,12 +106,7 @@ def resolve_child(index: LayerIndex, dir_id: int, name: str) -> tuple[int, bool]
 
 def is_whiteout_entry(index: LayerIndex, entry_id: int) -> bool:
     e = index.entry(entry_id)
-    return (
-        e.type == EntryType.REG
-        and e.name.startswith(WHITEOUT_PREFIX)
-        and e.name != OPAQUE_MARKER
-        and e.size == 0
-    )
+    return e.type == EntryType.REG and whiteout_target(e.name) is not None and e.size == 0
 
 
 class Namespace:

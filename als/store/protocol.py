@@ -11,22 +11,15 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
+
+from als.digest import is_digest
+from als.oci import is_zstd_media_type
 
 ANN_LAYER_DIGEST = "containers/image/target.layerdigest"
 ANN_REFERENCE = "containers/image/target.reference"
 ROOTFS_PREFIX = "rootfs."
 
-# Layer descriptor annotations that carry a TOC digest.
-TOC_DIGEST_ANNOTATIONS = (
-    "containerd.io/snapshot/stargz/toc.digest",
-    "io.github.containers.zstd-chunked.manifest-checksum",
-    "io.containers.zstd-chunked.manifest-checksum",
-)
-UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
-
-_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _LAYER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # A reference is printable ASCII without spaces; containers/image refs never contain "=".
 _REF_RE = re.compile(r"[a-z0-9][A-Za-z0-9._:/@+-]{0,1023}")
@@ -52,10 +45,6 @@ def b64decode_segment(name: bytes) -> str | None:
 
 def b64encode_segment(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
-
-
-def is_digest(s: str) -> bool:
-    return _DIGEST_RE.fullmatch(s) is not None
 
 
 def parse_ref_segment(name: bytes) -> str | None:
@@ -97,15 +86,6 @@ def parse_rootfs_name(name: bytes) -> str | None:
     return layer_id
 
 
-def toc_digest_of(annotations: Mapping[str, str]) -> str | None:
-    """The TOC digest a layer descriptor declares, as containers/image reads it."""
-    for key in TOC_DIGEST_ANNOTATIONS:
-        value = annotations.get(key)
-        if value and is_digest(value):
-            return value
-    return None
-
-
 @dataclass(frozen=True)
 class LayerInfo:
     """What the store knows about a layer, enough to answer ``info``."""
@@ -119,7 +99,7 @@ class LayerInfo:
 
 
 def compression_of(media_type: str) -> int:
-    return COMPRESSION_ZSTD if media_type.endswith("zstd") else COMPRESSION_GZIP
+    return COMPRESSION_ZSTD if is_zstd_media_type(media_type) else COMPRESSION_GZIP
 
 
 def info_json(info: LayerInfo, path_digest: str) -> bytes:

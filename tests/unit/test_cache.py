@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -22,17 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import settings
 
 import als.store.cache as cache_mod
 from als.store.cache import (
     DiskCache,
     LayerRecord,
-    covers,
-    hex_of,
-    merge_ranges,
-    subtract_ranges,
 )
 
 LOGGER = "als.store.cache"
@@ -43,10 +37,6 @@ SETTINGS = settings(
 
 def dg(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def points(ranges: list[tuple[int, int]]) -> set[int]:
-    return {i for s, e in ranges for i in range(s, e)}
 
 
 def tmp_files(c: DiskCache) -> list[str]:
@@ -71,91 +61,6 @@ def make_record(blob: bytes, toc: bytes = b"toc", refs: list[str] | None = None)
         annotations={"io.github.containers.zstd-chunked.manifest-position": "1:2:3:1"},
         refs=list(refs or ["example.com/img:1"]),
     )
-
-
-# -- pure helpers -----------------------------------------------------------------------------
-
-_ranges = st.lists(
-    st.tuples(st.integers(0, 120), st.integers(0, 40)).map(lambda t: (t[0], t[0] + t[1])),
-    max_size=12,
-)
-
-
-@SETTINGS
-@given(_ranges)
-def test_merge_ranges_is_sorted_disjoint_and_keeps_every_point(rs: list[tuple[int, int]]) -> None:
-    out = merge_ranges(rs)
-    assert all(s < e for s, e in out)
-    # Sorted, and neither overlapping nor touching (touching ranges are merged).
-    assert all(a[1] < b[0] for a, b in itertools.pairwise(out))
-    assert points(out) == points(rs)
-    assert merge_ranges(out) == out
-
-
-@SETTINGS
-@given(_ranges, st.integers(0, 150), st.integers(0, 60))
-def test_subtract_ranges_complements_present_exactly(
-    rs: list[tuple[int, int]], start: int, length: int
-) -> None:
-    whole = (start, start + length)
-    missing = subtract_ranges(whole, rs)
-    whole_pts = set(range(*whole))
-    assert points(missing) == whole_pts - points(rs)
-    # missing and present never overlap, and together they cover the whole exactly
-    assert not points(missing) & points(rs)
-    assert points(missing) | (points(rs) & whole_pts) == whole_pts
-    assert merge_ranges(missing) == missing
-    assert all(start <= s < e <= start + length for s, e in missing)
-
-
-@SETTINGS
-@given(_ranges, st.integers(0, 170), st.integers(1, 50))
-def test_covers_matches_point_containment(rs: list[tuple[int, int]], a: int, n: int) -> None:
-    merged = merge_ranges(rs)
-    assert covers(merged, a, a + n) == (set(range(a, a + n)) <= points(rs))
-
-
-def test_range_helpers_examples() -> None:
-    assert merge_ranges([(5, 10), (0, 5), (3, 3), (20, 30), (25, 26)]) == [(0, 10), (20, 30)]
-    assert subtract_ranges((0, 100), [(10, 20), (15, 30), (90, 200)]) == [(0, 10), (30, 90)]
-    assert subtract_ranges((0, 10), []) == [(0, 10)]
-    assert subtract_ranges((0, 10), [(0, 10)]) == []
-    assert covers([(0, 10)], 0, 10)
-    assert not covers([(0, 5), (6, 10)], 4, 7)
-
-
-@SETTINGS
-@given(st.binary(max_size=64))
-def test_hex_of_accepts_real_sha256_digests(data: bytes) -> None:
-    h = hashlib.sha256(data).hexdigest()
-    assert hex_of("sha256:" + h) == h
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        "sha256:../x",
-        "sha256:../" + "a" * 61,
-        "sha256:" + "A" * 64,
-        "sha256:" + "ab" * 31 + "aB",
-        "sha256:" + "a" * 63,
-        "sha256:" + "a" * 65,
-        "sha256:" + "a" * 63 + "\n",
-        "sha256:" + "a" * 63 + "/",
-        "sha256:" + "g" * 64,
-        "sha512:" + "a" * 128,
-        "sha512:" + "a" * 64,
-        "md5:" + "a" * 64,
-        "a" * 64,
-        "sha256" + "a" * 64,
-        "SHA256:" + "a" * 64,
-        "",
-        "sha256:",
-    ],
-)
-def test_hex_of_rejects_bad_digests(bad: str) -> None:
-    with pytest.raises(ValueError, match="not a sha256 digest"):
-        hex_of(bad)
 
 
 def test_bad_digests_are_rejected_by_every_entry_point(cache: DiskCache) -> None:

@@ -16,9 +16,9 @@ import trio
 
 from als import status_cmd
 from als.cli import build_parser, main
+from als.paths import SOCKET_NAME
 from als.status_cmd import (
     BAR_CELLS,
-    SOCKET_NAME,
     StatusError,
     fetch_status,
     human_bytes,

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from als.errors import NotFound
-from als.store.cache import merge_ranges
+from als.ranges import merge as merge_ranges
 from als.store.config import StoreConfig
 from als.store.layers import LayerManager
 from tests.support.fakesource import FakeSource

@@ -7,15 +7,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from als.digest import is_digest
+from als.oci import toc_digest_of
 from als.store.protocol import (
     LayerInfo,
     b64decode_segment,
     info_json,
-    is_digest,
     parse_annotation_segment,
     parse_ref_segment,
     parse_rootfs_name,
-    toc_digest_of,
 )
 
 D1 = "sha256:" + "1" * 64

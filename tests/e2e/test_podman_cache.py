@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from als.status_cmd import StatusError, fetch_status
+from als.cli.status import StatusError, fetch_status
 from tests.support.layers import BuiltLayer, FileSpec, make_layer
 from tests.support.mount import ProcessMount
 from tests.support.podman import BUSYBOX, PODMAN, RUN_FLAGS, Podman, e2e_marks

@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 import trio
 
-from als import status_cmd
 from als.cli import build_parser, main
-from als.paths import SOCKET_NAME
-from als.status_cmd import (
+from als.cli import status as status_mod
+from als.cli.status import (
     BAR_CELLS,
     StatusError,
     fetch_status,
@@ -27,6 +26,7 @@ from als.status_cmd import (
     short_digest,
     status_main,
 )
+from als.paths import SOCKET_NAME
 from tests.unit.test_control import short_dir, start
 from tests.unit.test_metrics import fake_status
 
@@ -236,7 +236,7 @@ def _watch(monkeypatch: pytest.MonkeyPatch, frames: int, sleeps: list[float]) ->
         if len(sleeps) >= frames:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(status_cmd, "sleep", fake_sleep)
+    monkeypatch.setattr(status_mod, "sleep", fake_sleep)
 
 
 async def test_watch_redraws_until_ctrl_c(
@@ -284,7 +284,7 @@ async def test_watch_keeps_going_when_the_store_goes_away(
     out = io.StringIO()
     async with trio.open_nursery() as nursery:
         await start(nursery, short_dir / SOCKET_NAME)
-        real_fetch = status_cmd.fetch_status
+        real_fetch = status_mod.fetch_status
         fetches = []
 
         def fetch_then_vanish(root: Path, timeout: float = 5.0) -> dict[str, Any]:
@@ -293,7 +293,7 @@ async def test_watch_keeps_going_when_the_store_goes_away(
                 (root / SOCKET_NAME).unlink()
             return real_fetch(root, timeout)
 
-        monkeypatch.setattr(status_cmd, "fetch_status", fetch_then_vanish)
+        monkeypatch.setattr(status_mod, "fetch_status", fetch_then_vanish)
         rc = await trio.to_thread.run_sync(status_main, args(short_dir, watch=1.0), out)
         nursery.cancel_scope.cancel()
     assert rc == 0
@@ -350,7 +350,7 @@ def test_not_http(short_dir: Path) -> None:
             conn.shutdown(socket.SHUT_WR)
             raw = client.recv(4096)
     with pytest.raises(StatusError, match="did not answer HTTP"):
-        status_cmd._parse_response(raw, short_dir / SOCKET_NAME)
+        status_mod._parse_response(raw, short_dir / SOCKET_NAME)
 
 
 def test_silent_server_times_out(short_dir: Path) -> None:

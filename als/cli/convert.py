@@ -1,4 +1,8 @@
-"""``als convert``: turn a tar (plain, gzip or zstd) into a layer blob of a chosen format."""
+"""``als convert``: turn a tar (plain, gzip or zstd) into a layer blob of a chosen format.
+
+The parser in :mod:`als.cli` imports :data:`CONVERT_FORMATS` from here, so this module imports
+the writers and zstandard only when a conversion runs: building the parser stays cheap.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +15,16 @@ import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
-
-import zstandard
+from typing import TYPE_CHECKING, Literal
 
 from als.errors import AlsError, ConfigError, FormatError
-from als.formats.writer import (
-    BuiltLayer,
-    build_estargz,
-    build_gzip,
-    build_zstd,
-    build_zstd_chunked,
-)
+
+if TYPE_CHECKING:
+    from als.formats.writer import BuiltLayer
 
 DEFAULT_ESTARGZ_CHUNK = 4 << 20
 CONVERT_FORMATS = ("estargz", "estargz-zstd", "zstd-chunked", "zstd-chunked-1.43", "gzip", "zstd")
+"""What ``als convert --format`` accepts (the parser's choices)."""
 
 
 def read_tar(data: bytes, *, name: str = "input") -> bytes:
@@ -36,6 +35,8 @@ def read_tar(data: bytes, *, name: str = "input") -> bytes:
         except (OSError, EOFError, zlib.error) as exc:
             raise FormatError(f"{name}: invalid gzip data: {exc}") from None
     if data[:4] == b"\x28\xb5\x2f\xfd":
+        import zstandard
+
         try:
             with zstandard.ZstdDecompressor().stream_reader(
                 io.BytesIO(data), read_across_frames=True
@@ -54,6 +55,8 @@ def convert(
     prioritized: Sequence[str] = (),
 ) -> BuiltLayer:
     """Build ``fmt`` (one of CONVERT_FORMATS) from an uncompressed tar."""
+    from als.formats.writer import build_estargz, build_gzip, build_zstd, build_zstd_chunked
+
     if chunk_size is not None and chunk_size <= 0:
         raise ConfigError(f"--chunk-size must be positive, not {chunk_size}")
     if prioritized and fmt not in ("estargz", "estargz-zstd"):

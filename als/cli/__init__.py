@@ -1,4 +1,10 @@
-"""Command-line entry points: ``als`` (inspect, extract, ...) and ``als-mount``."""
+"""The ``als`` command: the parser and a lazy dispatch to one module per subcommand.
+
+Each subcommand lives in its own module (:mod:`als.cli.inspect`, :mod:`als.cli.extract`,
+:mod:`als.cli.convert`, :mod:`als.cli.status`), imported only when it runs, so that building the
+parser stays cheap and ``als status`` needs nothing beyond the standard library.
+``als-mount`` is :mod:`als.cli.mount`.
+"""
 
 from __future__ import annotations
 
@@ -9,34 +15,31 @@ import sys
 from collections.abc import Sequence
 
 from als import __version__
+from als.cli.convert import CONVERT_FORMATS
 from als.errors import AlsError
+from als.paths import DEFAULT_ROOT
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    # A path that exists is a local blob; anything else is a remote image reference.
-    if os.path.exists(args.target):
-        from als.inspect_cmd import inspect_blob
+    from als.cli.inspect import inspect_main
 
-        return inspect_blob(args)
-    from als.registry.cli import inspect_remote
-
-    return inspect_remote(args)
+    return inspect_main(args)
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from als.inspect_cmd import extract_blob
+    from als.cli.extract import extract_main
 
-    return extract_blob(args)
+    return extract_main(args)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from als.convert_cmd import convert_main
+    from als.cli.convert import convert_main
 
     return convert_main(args)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from als.status_cmd import status_main
+    from als.cli.status import status_main
 
     return status_main(args)
 
@@ -74,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dest", help="output blob file")
     conv.add_argument(
         "--format",
-        choices=["estargz", "estargz-zstd", "zstd-chunked", "zstd-chunked-1.43", "gzip", "zstd"],
+        choices=CONVERT_FORMATS,
         default="estargz",
         help="layer format (default: estargz)",
     )
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=_convert)
 
     st = sub.add_parser("status", help="show the running store's cache, layers and fetches")
-    st.add_argument("root", nargs="?", help="store root (default: /var/lib/als)")
+    st.add_argument("root", nargs="?", help=f"store root (default: {DEFAULT_ROOT})")
     st.add_argument("--json", action="store_true", help="print the raw status JSON")
     st.add_argument(
         "--watch",

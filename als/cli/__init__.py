@@ -136,9 +136,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         return 141
     return rc
-
-
-def mount_main(argv: Sequence[str] | None = None) -> int:
-    from als.store.daemon import main as daemon_main
-
-    return daemon_main(argv)

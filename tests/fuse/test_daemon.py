@@ -15,7 +15,7 @@ import pytest
 
 from als.errors import ConfigError
 from als.store.config import StoreConfig
-from tests.support.mount import ProcessMount, is_mounted, needs_fuse, wait_mounted
+from tests.support.mount import ALS_MOUNT, ProcessMount, is_mounted, needs_fuse, wait_mounted
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -32,7 +32,7 @@ def test_second_instance_refuses(tmp_path: Path) -> None:
     with ProcessMount(tmp_path / "root") as m:
         assert m.proc is not None
         p = subprocess.run(
-            [sys.executable, "-m", "als.store", str(m.root)],
+            [*ALS_MOUNT, str(m.root)],
             capture_output=True,
             text=True,
             timeout=30,
@@ -78,7 +78,7 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     cfg = tmp_path / "als.toml"
     cfg.write_text("lookup_timeout = 'soon'\n")
     p = subprocess.run(
-        [sys.executable, "-m", "als.store", str(tmp_path / "root"), "--config", str(cfg)],
+        [*ALS_MOUNT, str(tmp_path / "root"), "--config", str(cfg)],
         capture_output=True,
         text=True,
         timeout=30,

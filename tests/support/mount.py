@@ -17,10 +17,13 @@ from typing import Any
 import pytest
 import trio
 
+from als.cli.mount import is_mountpoint
 from als.store.config import StoreConfig
-from als.store.daemon import is_mountpoint
 
 is_mounted = is_mountpoint  # the daemon and the tests agree on what "mounted" means
+
+ALS_MOUNT = [sys.executable, "-m", "als.cli.mount"]
+"""The ``als-mount`` command of this checkout (the installed script may point elsewhere)."""
 
 FUSE_AVAILABLE = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 needs_fuse = pytest.mark.skipif(
@@ -138,7 +141,7 @@ class ProcessMount:
         self.root.mkdir(parents=True, exist_ok=True)
         logf = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "als.store", str(self.root), "--log-level", "debug", *self.args],
+            [*ALS_MOUNT, str(self.root), "--log-level", "debug", *self.args],
             stdout=logf,
             stderr=subprocess.STDOUT,
             env=self.env,

@@ -1,0 +1,211 @@
+"""``als-mount ROOT``: mount the store at ROOT/.pool and serve until SIGTERM/SIGINT.
+
+The process around :func:`als.store.daemon.serve`: the flags and the config they override,
+logging (journald priorities under systemd), one instance per root (a lock file), the cleanup of
+a mount a crashed instance left behind, and malloc tuning. Run it as ``python -m als.cli.mount``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import errno
+import faulthandler
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import trio
+
+from als import __version__
+from als.errors import AlsError
+from als.store.config import StoreConfig
+from als.store.daemon import make_source, serve
+
+# The daemon's logger (as in als.store.daemon): the name is part of every log line.
+log = logging.getLogger("als.daemon")
+
+_JOURNAL_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<N>`` priority prefixes, which journald turns into the message's priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _JOURNAL_PRIORITY.get(record.levelno, 6)
+        return f"<{prio}>{super().format(record)}"
+
+
+def setup_logging(level: str, stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def is_mountpoint(path: Path) -> bool:
+    """True if ``path`` is a mount point (in mountinfo, or a dead FUSE mount)."""
+    target = str(path.resolve())
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
+                    return True
+    except OSError:
+        pass
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def cleanup_stale_mount(pool: Path) -> bool:
+    """Unmount what a crashed instance left at ``pool`` (we hold the lock: it is stale)."""
+    if not is_mountpoint(pool):
+        return False
+    log.warning("unmounting a stale mount left at %s", pool)
+    for cmd in (["fusermount3", "-u", "-z", str(pool)], ["umount", "-l", str(pool)]):
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+            return True
+        except (OSError, subprocess.SubprocessError):
+            continue
+    raise AlsError(f"cannot unmount the stale mount at {pool}; run: umount -l {pool}")
+
+
+@contextlib.contextmanager
+def root_lock(root: Path) -> Iterator[None]:
+    """One als-mount per ROOT: an exclusive flock on ROOT/.als.lock, with our pid in it."""
+    path = root / ".als.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise AlsError(
+                f"another als-mount (pid {other}) is already serving {root}; stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="als-mount",
+        description="Mount the als additional layer store at ROOT/.pool (foreground).",
+    )
+    p.add_argument("root", help="store root, e.g. /var/lib/als (created if needed)")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (all options have defaults)")
+    p.add_argument("--registries-conf", metavar="FILE", help="registries.conf (v2) to use")
+    p.add_argument("--authfile", metavar="FILE", help="registry credentials (auth.json)")
+    p.add_argument("--platform", help="os/arch[/variant] for multi-platform images")
+    p.add_argument("--lookup-timeout", type=float, help="seconds before a lookup answers ENOENT")
+    p.add_argument("--read-timeout", type=float, help="seconds before a read answers EIO")
+    p.add_argument("--memory-cache-mb", type=int, help="memory for decompressed chunks")
+    p.add_argument("--cache-dir", metavar="DIR", help="disk cache (default ROOT/cache)")
+    p.add_argument("--cache-limit-mb", type=int, help="disk cache size limit (0: none)")
+    p.add_argument(
+        "--background-fetch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="download whole layers in the background after start-up (default: on)",
+    )
+    p.add_argument("--metrics-listen", metavar="ADDR", help="serve /metrics on HOST:PORT too")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--debug-fuse", action="store_true", default=None, help="libfuse debug output")
+    p.add_argument("--version", action="version", version=f"als-mount {__version__}")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> StoreConfig:
+    """The ``--config`` file (or the defaults), overridden by every flag that was given.
+
+    Each flag of :func:`build_parser` stores to the name of the :class:`StoreConfig` option it
+    sets, so the flags are passed on by name, in the options' order, not copied one by one.
+    """
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(StoreConfig)
+        if hasattr(args, f.name)
+    }
+    return StoreConfig.load(args.config, overrides)
+
+
+def tune_malloc() -> None:
+    """Keep the daemon's RSS close to what it holds.
+
+    Chunks are short-lived buffers of up to a few MiB, allocated from several worker threads.
+    With glibc's defaults each thread may get its own arena, and the threshold above which a
+    buffer is mmap()ed (and given back to the system when freed) rises after the first large
+    free, so freed chunk buffers stay in the heap. A fixed threshold and two arenas keep the
+    RSS near the live data. No-op where mallopt is missing (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    mallopt(m_mmap_threshold, 256 * 1024)
+    mallopt(m_arena_max, 2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tune_malloc()
+    try:
+        cfg = load_config(args)
+    except AlsError as exc:
+        print(f"als-mount: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    cfg.root = cfg.root.absolute()
+    try:
+        cfg.root.mkdir(parents=True, exist_ok=True)
+        with root_lock(cfg.root):
+            cleanup_stale_mount(cfg.pool)  # before touching .pool: a dead mount fails every call
+            cfg.pool.mkdir(exist_ok=True)
+            source = make_source(cfg)
+            trio.run(serve, cfg, source)
+    except AlsError as exc:
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot serve %s: %s", cfg.root, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,3 +1,0 @@
-from als.store.daemon import main
-
-raise SystemExit(main())

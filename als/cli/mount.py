@@ -26,6 +26,7 @@ import trio
 
 from als import __version__
 from als.errors import AlsError
+from als.paths import DEFAULT_ROOT, POOL_NAME
 from als.store.config import StoreConfig
 from als.store.daemon import make_source, serve
 
@@ -116,9 +117,9 @@ def root_lock(root: Path) -> Iterator[None]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="als-mount",
-        description="Mount the als additional layer store at ROOT/.pool (foreground).",
+        description=f"Mount the als additional layer store at ROOT/{POOL_NAME} (foreground).",
     )
-    p.add_argument("root", help="store root, e.g. /var/lib/als (created if needed)")
+    p.add_argument("root", help=f"store root, e.g. {DEFAULT_ROOT} (created if needed)")
     p.add_argument("--config", metavar="FILE", help="TOML config file (all options have defaults)")
     p.add_argument("--registries-conf", metavar="FILE", help="registries.conf (v2) to use")
     p.add_argument("--authfile", metavar="FILE", help="registry credentials (auth.json)")

@@ -8,15 +8,15 @@ from __future__ import annotations
 from als.registry.auth import CredentialStore
 from als.registry.client import ClientStats, LayerDescriptor, RegistryClient, ResolvedImage
 from als.registry.config import Endpoint, RegistriesConf
-from als.registry.reference import ImageRef, ReferenceError, parse_reference
+from als.registry.reference import ImageRef, InvalidReference, parse_reference
 
 __all__ = [
     "ClientStats",
     "CredentialStore",
     "Endpoint",
     "ImageRef",
+    "InvalidReference",
     "LayerDescriptor",
-    "ReferenceError",
     "RegistriesConf",
     "RegistryClient",
     "ResolvedImage",

@@ -26,7 +26,7 @@ from als.registry.ranges import (
     parse_content_range,
     parse_multipart_byteranges,
 )
-from als.registry.reference import ReferenceError
+from als.registry.reference import InvalidReference
 
 D = "sha256:" + "ab" * 32
 
@@ -97,7 +97,7 @@ def test_api_host() -> None:
     ],
 )
 def test_parse_reference_rejects(bad: str) -> None:
-    with pytest.raises(ReferenceError):
+    with pytest.raises(InvalidReference):
         parse_reference(bad)
 
 

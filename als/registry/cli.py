@@ -12,8 +12,9 @@ from typing import Any
 from als.errors import AlsError, NotLazy
 from als.oci import LAZY_FORMATS, format_of_descriptor, toc_digest_of
 from als.registry.auth import CredentialStore
-from als.registry.client import LayerDescriptor, RegistryClient
+from als.registry.client import RegistryClient
 from als.registry.config import RegistriesConf
+from als.registry.types import LayerDescriptor
 
 
 @dataclass

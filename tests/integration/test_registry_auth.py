@@ -232,7 +232,7 @@ def test_token_refresh_on_401(token_registry: TokenRegistry, token_image: tuple[
     with RegistryClient() as c:
         c.resolve(ref)
         # The registry stops accepting the cached token (as when it expires early).
-        for tok in c._tokens.values():
+        for tok in c.auth.tokens.values():
             tok.header = "Bearer not-a-valid-token"
         assert len(c.fetch_ranges(ref, digest, [(0, 10)])[0]) == 10
     assert len(token_registry.token.requests) - before == 2

@@ -52,7 +52,7 @@ def push_blob(
         loc = resp.headers.get("Location", "")
         if not loc:
             raise RegistryError(f"{what}: upload started without a Location")
-        st = client._host_state(ep.host)
+        st = client.auth.host_state(ep.host)
         url = urljoin(f"{st.scheme}://{ep.host}/", loc)
         url += ("&" if "?" in url else "?") + urlencode({"digest": digest})
         parts = urlsplit(url)

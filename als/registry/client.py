@@ -1,10 +1,11 @@
 """A synchronous, thread-safe OCI distribution client: resolve images, fetch blob byte ranges.
 
-The only module of als that talks HTTP. The store calls it from trio worker threads; every call
-takes an optional ``deadline`` (an absolute ``time.monotonic()`` value) that bounds the call,
-retries included. Each thread gets its own ``requests.Session`` (pooled connections per host);
-shared state (tokens, redirect URLs, what each host supports, where each digest was seen) is
-guarded by one lock.
+The store calls it from trio worker threads; every call takes an optional ``deadline`` (an
+absolute ``time.monotonic()`` value) that bounds the call, retries included. The HTTP exchanges
+themselves (sessions, TLS, the address guard, per-exchange deadlines) are the transport's
+(``als.registry.transport``), getting authorized is ``als.registry.authflow``'s, and reading
+manifests and configs is ``als.registry.manifests``'s. This module holds the registry protocol
+on top: redirects, retries, mirror fan-out, ranges and multipart answers, whole-blob streams.
 
 Failure policy: connection resets, timeouts, truncated bodies, 429 and 5xx are retried with
 exponential backoff and jitter (``Retry-After`` honoured) until the deadline. A digest or length
@@ -14,51 +15,44 @@ then the primary) and to other repositories of the same registry where the diges
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
 import hashlib
-import heapq
-import ipaddress
-import itertools
-import json
 import logging
-import os
-import platform as _platform
 import random
-import re
-import shutil
-import socket
-import ssl
-import tempfile
 import threading
 import time
-import warnings
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlencode, urljoin, urlsplit
-
-import requests
-import urllib3
-from requests.utils import DEFAULT_CA_BUNDLE_PATH
+from typing import TypeVar
+from urllib.parse import urljoin, urlsplit
 
 from als import __version__
-from als.digest import sha256_of
 from als.errors import AuthError, NotFound, RegistryError, VerifyError
-from als.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from als.registry.auth import (
     DEFAULT_AUTH_REALM_HOSTS,
-    Challenge,
-    Credential,
     CredentialStore,
     RealmPolicy,
-    basic_header,
     parse_realm_policy,
     parse_www_authenticate,
 )
+from als.registry.authflow import AuthFlow
 from als.registry.config import Endpoint, RegistriesConf
+from als.registry.manifests import (
+    MANIFEST_ACCEPT,
+    MAX_CONFIG_SIZE,
+    MAX_MANIFEST_SIZE,
+    Platform,
+    check_blob,
+    check_image_manifest,
+    config_descriptor,
+    config_platform,
+    host_platform,
+    is_index,
+    layer_descriptors,
+    manifest_digest,
+    media_type,
+    parse_json,
+    parse_platform,
+    select_platform,
+)
 from als.registry.ranges import (
     RangeParseError,
     Region,
@@ -69,347 +63,29 @@ from als.registry.ranges import (
     parse_multipart_byteranges,
     range_header,
 )
-from als.registry.reference import ImageRef, is_loopback_host, parse_reference, validate_digest
+from als.registry.reference import ImageRef, parse_reference, validate_digest
+from als.registry.transport import (
+    BODY_ERRORS,
+    REDIRECT_STATUSES,
+    TRANSIENT_STATUSES,
+    Response,
+    Transient,
+    Transport,
+    retry_after,
+)
+from als.registry.types import ClientStats, LayerDescriptor, ResolvedImage
+
+__all__ = ["ClientStats", "LayerDescriptor", "RegistryClient", "ResolvedImage"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MANIFEST_ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
-MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-
-MAX_MANIFEST_SIZE = 4 << 20
-MAX_CONFIG_SIZE = 32 << 20
 MAX_REDIRECTS = 5
-REDIRECT_STATUSES = (301, 302, 303, 307, 308)
-TRANSIENT_STATUSES = (408, 425, 429, 500, 502, 503, 504)
-_QUERY_RE = re.compile(r"\?[^\s'\")]*")
-_USERINFO_RE = re.compile(r"://[^/\s@]+@")
-
-
-def _safe(text: object) -> str:
-    """An exception/URL text with query strings (signed URLs) and userinfo removed."""
-    s = _USERINFO_RE.sub("://<redacted>@", str(text))
-    return _QUERY_RE.sub("?<redacted>", s)
-
-
-class _RedactFilter(logging.Filter):
-    """Keep signed-URL query strings out of urllib3's debug log lines."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if "?" in msg or "@" in msg:
-            record.msg, record.args = _safe(msg), ()
-        return True
-
-
-logging.getLogger("urllib3.connectionpool").addFilter(_RedactFilter())
-
-
-# ---- where als never connects, and how long an exchange may last --------------------------
-
-# Link-local addresses (cloud metadata services live there: 169.254.169.254, fd00:ec2::254),
-# also in their IPv4-mapped and NAT64 forms. No registry, mirror, redirect target or token
-# realm may be there: a hostile registry would otherwise make als fetch metadata credentials.
-BLOCKED_NETWORKS = tuple(
-    ipaddress.ip_network(n)
-    for n in ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "64:ff9b::a9fe:0/112")
-)
-_RESOLVE_TTL = 30.0
-
-
-def blocked_address(addr: str) -> bool:
-    """Whether ``addr`` (an IP address text) is one als refuses to talk to."""
-    try:
-        ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip.version == net.version and ip in net for net in BLOCKED_NETWORKS)
-
-
-class _Watch:
-    """A deadline on one HTTP exchange: when it passes, the connection's socket is shut down,
-    which ends a read blocked on headers or a body that trickles and never ends."""
-
-    __slots__ = ("cancelled", "conn", "when")
-
-    def __init__(self, when: float) -> None:
-        self.when = when
-        self.conn: Any = None
-        self.cancelled = False
-
-    def fire(self) -> None:
-        conn = self.conn
-        if self.cancelled or conn is None or getattr(conn, "_als_watch", None) is not self:
-            return  # finished, or the connection has moved on to another exchange
-        sock = getattr(conn, "sock", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
-class _Watchdog:
-    """One daemon thread firing ``_Watch``es at their time."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._heap: list[tuple[float, int, _Watch]] = []
-        self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
-
-    def add(self, w: _Watch) -> None:
-        with self._cv:
-            heapq.heappush(self._heap, (w.when, next(self._seq), w))
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="als-http-watchdog", daemon=True
-                )
-                self._thread.start()
-            self._cv.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while True:
-                    while self._heap and self._heap[0][2].cancelled:
-                        heapq.heappop(self._heap)
-                    now = time.monotonic()
-                    if self._heap and self._heap[0][0] <= now:
-                        w = heapq.heappop(self._heap)[2]
-                        break
-                    self._cv.wait(self._heap[0][0] - now if self._heap else None)
-            w.fire()
-
-
-_WATCHDOG = _Watchdog()
-_CURRENT = threading.local()  # the _Watch of the exchange this thread is starting
-
-
-def _guard_new_conn(conn: Any, sock: socket.socket) -> socket.socket:
-    """Refuse a direct connection that ended up at a blocked address (DNS rebinding between
-    als's own check and the connect): nothing is sent on it."""
-    if getattr(conn, "_tunnel_host", None):
-        return sock  # through a proxy: the peer is the proxy
-    try:
-        peer = str(sock.getpeername()[0])
-    except OSError:
-        peer = ""
-    if blocked_address(peer):
-        sock.close()
-        raise urllib3.exceptions.NewConnectionError(
-            conn,
-            f"refusing to talk to {conn.host}: it is at {peer}, a link-local (cloud "
-            f"metadata) address",
-        )
-    return sock
-
-
-def _guard_request(conn: Any) -> None:
-    w: _Watch | None = getattr(_CURRENT, "watch", None)
-    conn._als_watch = w
-    if w is not None:
-        w.conn = conn
-
-
-class _GuardedHTTPConnection(urllib3.connection.HTTPConnection):
-    def _new_conn(self) -> socket.socket:
-        return _guard_new_conn(self, super()._new_conn())
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _guard_request(self)
-        super().request(*args, **kwargs)
-
-
-class _GuardedHTTPSConnection(urllib3.connection.HTTPSConnection):
-    def _new_conn(self) -> socket.socket:
-        return _guard_new_conn(self, super()._new_conn())
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _guard_request(self)
-        super().request(*args, **kwargs)
-
-
-def _disarm(conn: Any) -> None:
-    """A connection back in its pool is no exchange's any more: its watch must not fire."""
-    if conn is not None:
-        conn._als_watch = None
-
-
-class _GuardedHTTPPool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _GuardedHTTPConnection
-
-    def _put_conn(self, conn: Any) -> None:
-        _disarm(conn)
-        super()._put_conn(conn)
-
-
-class _GuardedHTTPSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = _GuardedHTTPSConnection
-
-    def _put_conn(self, conn: Any) -> None:
-        _disarm(conn)
-        super()._put_conn(conn)
-
-
-class _GuardedAdapter(requests.adapters.HTTPAdapter):
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": _GuardedHTTPPool,
-            "https": _GuardedHTTPSPool,
-        }
-
-
-def host_platform() -> str:
-    """This host's platform as ``os/arch[/variant]`` in OCI terms."""
-    machine = _platform.machine().lower()
-    arch = {
-        "x86_64": "amd64",
-        "amd64": "amd64",
-        "aarch64": "arm64",
-        "arm64": "arm64",
-        "armv7l": "arm/v7",
-        "armv6l": "arm/v6",
-        "i386": "386",
-        "i686": "386",
-        "ppc64le": "ppc64le",
-        "s390x": "s390x",
-        "riscv64": "riscv64",
-    }.get(machine, machine)
-    return f"linux/{arch}"
-
-
-def _platform_str(os_: str, arch: str, variant: str | None) -> str:
-    return f"{os_}/{arch}/{variant}" if variant else f"{os_}/{arch}"
-
-
-def _parse_platform(s: str) -> tuple[str, str, str | None]:
-    parts = s.split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise RegistryError(f"invalid platform {s!r} (want os/arch[/variant])")
-    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
-
-
-# ---- public data --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerDescriptor:
-    digest: str
-    size: int
-    media_type: str
-    annotations: Mapping[str, str]
-    diff_id: str | None
-
-
-@dataclass(frozen=True)
-class ResolvedImage:
-    ref: ImageRef
-    manifest_digest: str
-    manifest: bytes
-    config: bytes
-    platform: str
-    layers: tuple[LayerDescriptor, ...]
-    config_digest: str = ""
-    source: str = ""  # the endpoint ("host/repo") the manifest came from
-    index_digest: str | None = None  # set when the reference named an index / manifest list
-
-
-class ClientStats:
-    """Thread-safe counters: HTTP requests sent, body bytes received, retries, per-host counts."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests = 0
-        self.bytes_received = 0
-        self.retries = 0
-        self.multirange_requests = 0
-        self.fallbacks = 0  # endpoint/repository fallbacks taken
-        self.per_host: dict[str, int] = {}
-
-    def add(
-        self,
-        *,
-        requests: int = 0,
-        bytes_received: int = 0,
-        retries: int = 0,
-        multirange: int = 0,
-        fallbacks: int = 0,
-        host: str | None = None,
-    ) -> None:
-        with self._lock:
-            self.requests += requests
-            self.bytes_received += bytes_received
-            self.retries += retries
-            self.multirange_requests += multirange
-            self.fallbacks += fallbacks
-            if host is not None and requests:
-                self.per_host[host] = self.per_host.get(host, 0) + requests
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "requests": self.requests,
-                "bytes_received": self.bytes_received,
-                "retries": self.retries,
-                "multirange_requests": self.multirange_requests,
-                "fallbacks": self.fallbacks,
-                "per_host": dict(self.per_host),
-            }
-
-
-# ---- internal control flow ------------------------------------------------------------------
-
-
-class _Transient(Exception):
-    """A failure worth retrying (after a backoff)."""
-
-    def __init__(
-        self, message: str, retry_after: float | None = None, host: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.host = host
 
 
 class _MultiRangeRefused(Exception):
-    pass
-
-
-class _RedirectStale(Exception):
-    pass
-
-
-@dataclass
-class _HostState:
-    scheme: str | None = None
-    challenge: Challenge | None = None
-    pinged: bool = False
-    multirange: bool | None = None
-    down_until: float = 0.0
-
-
-@dataclass
-class _Token:
-    header: str = field(repr=False)
-    expires: float
-
-
-def _retry_after(resp: requests.Response) -> float | None:
-    v = resp.headers.get("Retry-After")
-    if not v:
-        return None
-    v = v.strip()
-    if v.isdigit():
-        return float(v)
-    try:
-        when = email.utils.parsedate_to_datetime(v)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    """A registry answered a multi-range request with 400: ask for one range at a time."""
 
 
 class RegistryClient:
@@ -451,370 +127,27 @@ class RegistryClient:
             if isinstance(auth_realm_hosts, str)
             else auth_realm_hosts
         )
-        self._withheld: set[tuple[str, str]] = set()
-        self._resolved: dict[str, tuple[float, tuple[str, ...]]] = {}
         self.stats = ClientStats()
         self._lock = threading.Lock()
-        self._local = threading.local()
-        self._hosts: dict[str, _HostState] = {}
-        self._tokens: dict[tuple[str, str], _Token] = {}
         self._redirects: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._seen: dict[tuple[str, str], list[str]] = {}
-        self._bundles: dict[str, str | bool] = {}
-        self._tmpdir = tempfile.mkdtemp(prefix="als-registry-")
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
+        self.transport = Transport(
+            self.conf,
+            self.stats,
+            user_agent=user_agent,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        )
+        self.auth = AuthFlow(self.transport, self.credentials, self.realm_policy)
 
     def close(self) -> None:
-        self._finalizer()
+        self.transport.close()
 
     def __enter__(self) -> RegistryClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ---- per-thread session, TLS, proxies -----------------------------------------------------
-    def _session(self) -> requests.Session:
-        s: requests.Session | None = getattr(self._local, "session", None)
-        if s is None:
-            s = requests.Session()
-            s.trust_env = False  # no .netrc credentials; proxies are applied per request below
-            adapter = _GuardedAdapter(pool_connections=8, pool_maxsize=16, max_retries=0)
-            s.mount("https://", adapter)
-            s.mount("http://", adapter)
-            s.headers.clear()
-            s.headers["User-Agent"] = self.user_agent
-            self._local.session = s
-        return s
-
-    def _host_state(self, host: str) -> _HostState:
-        with self._lock:
-            st = self._hosts.get(host)
-            if st is None:
-                st = self._hosts[host] = _HostState()
-            return st
-
-    def _insecure(self, host: str) -> bool:
-        return self.conf.is_insecure(host)
-
-    def _verify(self, host: str) -> str | bool:
-        """``verify=`` for requests: False if insecure, a bundle with certs.d CAs, or True."""
-        if self._insecure(host):
-            return False
-        with self._lock:
-            if host in self._bundles:
-                return self._bundles[host]
-        d = self.conf.certs_dir(host)
-        result: str | bool = True
-        if d is not None:
-            cas = sorted(d.glob("*.crt"))
-            if cas:
-                paths = ssl.get_default_verify_paths()
-                system = paths.cafile or paths.openssl_cafile
-                parts = []
-                if system and os.path.isfile(system):
-                    parts.append(Path(system).read_text())
-                else:
-                    parts.append(Path(DEFAULT_CA_BUNDLE_PATH).read_text())
-                parts.extend(ca.read_text() for ca in cas)
-                fd, bundle = tempfile.mkstemp(dir=self._tmpdir, suffix=".pem")
-                with os.fdopen(fd, "w") as f:
-                    f.write("\n".join(parts))
-                result = bundle
-        with self._lock:
-            self._bundles[host] = result
-        return result
-
-    def _client_cert(self, host: str) -> tuple[str, str] | None:
-        d = self.conf.certs_dir(host)
-        if d is None:
-            return None
-        for cert in sorted(d.glob("*.cert")):
-            key = cert.with_suffix(".key")
-            if key.is_file():
-                return str(cert), str(key)
-        return None
-
-    def _timeout(self, deadline: float) -> tuple[float, float]:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Transient("deadline reached")
-        return (
-            max(0.05, min(self.connect_timeout, remaining)),
-            max(0.05, min(self.read_timeout, remaining)),
-        )
-
-    def _check_address(self, url: str) -> None:
-        """Refuse (before connecting) a URL whose host is, or resolves to, a blocked address."""
-        parts = urlsplit(url)
-        name = parts.hostname or ""
-        if blocked_address(name):
-            raise RegistryError(
-                f"refusing to connect to {parts.netloc}: a link-local (cloud "
-                f"metadata) address is never a registry"
-            )
-        now = time.monotonic()
-        with self._lock:
-            hit = self._resolved.get(name)
-        if hit is None or hit[0] < now:
-            try:
-                infos = socket.getaddrinfo(name, parts.port or 443, type=socket.SOCK_STREAM)
-            except (OSError, UnicodeError):
-                return  # the connection attempt reports it (and the connect-time check stays)
-            addrs = tuple(sorted({str(i[4][0]) for i in infos}))
-            with self._lock:
-                if len(self._resolved) > 1024:
-                    self._resolved.clear()
-                self._resolved[name] = (now + _RESOLVE_TTL, addrs)
-        else:
-            addrs = hit[1]
-        bad = next((a for a in addrs if blocked_address(a)), None)
-        if bad is not None:
-            raise RegistryError(
-                f"refusing to connect to {parts.netloc} (it resolves to {bad}): "
-                f"a link-local (cloud metadata) address is never a registry"
-            )
-
-    def _send(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Mapping[str, str],
-        deadline: float,
-        stream: bool = False,
-        data: bytes | None = None,
-        watch: bool = True,
-    ) -> requests.Response:
-        """One HTTP exchange, no redirects followed; network failures become _Transient.
-
-        Unless ``watch`` is false, the exchange (headers and, for ``stream``, the body) is cut
-        off when ``deadline`` passes, however slowly the server keeps sending."""
-        parts = urlsplit(url)
-        if "@" in parts.netloc:  # user:password@ in a URL (a redirect's): never used, never shown
-            parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
-            url = parts.geturl()
-        host = parts.netloc
-        if parts.scheme not in ("http", "https"):
-            raise RegistryError(f"refusing {method} {_safe(url)}: only http and https are used")
-        self._check_address(url)
-        kwargs: dict[str, Any] = {}
-        if parts.scheme == "https":
-            kwargs["verify"] = self._verify(host)
-            cert = self._client_cert(host)
-            if cert:
-                kwargs["cert"] = cert
-        proxies = requests.utils.get_environ_proxies(url)
-        self.stats.add(requests=1, host=host)
-        log.debug("%s %s://%s%s", method, parts.scheme, host, parts.path)
-        w = _Watch(deadline) if watch else None
-        if w is not None:
-            _WATCHDOG.add(w)
-        _CURRENT.watch = w
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
-                resp = self._session().request(
-                    method,
-                    url,
-                    headers=dict(headers),
-                    data=data,
-                    stream=stream,
-                    allow_redirects=False,
-                    timeout=self._timeout(deadline),
-                    proxies=proxies,
-                    **kwargs,
-                )
-        except requests.exceptions.SSLError as exc:
-            raise _TLSFailure(f"TLS error talking to {host}: {_safe(exc)}") from None
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            if w is not None and time.monotonic() >= w.when:
-                raise _Transient(
-                    f"{method} {host}{parts.path}: no complete answer before the deadline",
-                    host=host,
-                ) from None
-            raise _Transient(
-                f"{method} {host}{parts.path}: {type(exc).__name__}: {_safe(exc)}", host=host
-            ) from None
-        except requests.RequestException as exc:  # invalid URL or header from a hostile server
-            raise RegistryError(
-                f"{method} {host}{parts.path}: {type(exc).__name__}: {_safe(exc)}"
-            ) from None
-        finally:
-            _CURRENT.watch = None
-            if w is not None and not stream:
-                w.cancelled = True
-        if w is not None and stream and resp.raw is None:
-            w.cancelled = True
-        return resp
-
-    # ---- ping, auth --------------------------------------------------------------------------
-    def _ping(self, host: str, insecure: bool, deadline: float) -> _HostState:
-        st = self._host_state(host)
-        if st.pinged:
-            return st
-        allow_http = insecure or self._insecure(host) or is_loopback_host(host)
-        schemes = ["https", "http"] if allow_http else ["https"]
-        first_error: Exception | None = None
-        transient: _Transient | None = None
-        for scheme in schemes:
-            try:
-                resp = self._send(
-                    "GET",
-                    f"{scheme}://{host}/v2/",
-                    headers={"Accept-Encoding": "identity"},
-                    deadline=deadline,
-                )
-            except _TLSFailure as exc:
-                first_error = first_error or exc
-                continue
-            except _Transient as exc:
-                transient = transient or exc
-                if first_error is None:
-                    first_error = exc
-                continue
-            with resp:
-                if resp.status_code == 400 and scheme == "http" and first_error is not None:
-                    continue  # an HTTPS server answering a plain request
-                if resp.status_code in TRANSIENT_STATUSES:
-                    raise _Transient(
-                        f"GET {host}/v2/: HTTP {resp.status_code}", _retry_after(resp), host
-                    )
-                challenge = None
-                if resp.status_code == 401:
-                    chs = parse_www_authenticate(resp.headers.get("WWW-Authenticate", ""))
-                    challenge = next((c for c in chs if c.scheme == "bearer"), None) or (
-                        chs[0] if chs else None
-                    )
-                elif resp.status_code not in (200, 404):
-                    # 404: a registry that does not serve /v2/ itself; keep going.
-                    first_error = RegistryError(
-                        f"{host} does not look like a registry (GET /v2/: HTTP {resp.status_code})"
-                    )
-                    continue
-            with self._lock:
-                st.scheme, st.challenge, st.pinged = scheme, challenge, True
-            return st
-        if isinstance(first_error, _TLSFailure) and transient is not None:
-            raise transient  # TLS refused, plain http ran out of time: worth another try
-        if isinstance(first_error, _TLSFailure):
-            raise RegistryError(str(first_error))
-        assert first_error is not None
-        raise first_error
-
-    def _credential(self, host: str, repo: str) -> Credential | None:
-        key_host = "docker.io" if host == "registry-1.docker.io" else host
-        return self.credentials.get(key_host, repo)
-
-    def _auth_header(
-        self, host: str, repo: str, actions: str, deadline: float, *, refresh: bool = False
-    ) -> str | None:
-        st = self._host_state(host)
-        ch = st.challenge
-        if ch is None:
-            return None
-        if ch.scheme == "basic":
-            cred = self._credential(host, repo)
-            if cred is None:
-                raise AuthError(f"{host} requires credentials (basic auth) for {repo}; none found")
-            return basic_header(cred)
-        if ch.scheme != "bearer":
-            raise AuthError(f"{host}: unsupported authentication scheme {ch.scheme!r}")
-        scope = f"repository:{repo}:{actions}"
-        key = (host, scope)
-        now = time.monotonic()
-        with self._lock:
-            tok = self._tokens.get(key)
-            if tok is not None and not refresh and tok.expires > now:
-                return tok.header
-        header, ttl = self._fetch_token(host, repo, ch, scope, deadline)
-        with self._lock:
-            self._tokens[key] = _Token(header, now + max(1.0, ttl - 10))
-        return header
-
-    def _fetch_token(
-        self, host: str, repo: str, ch: Challenge, scope: str, deadline: float
-    ) -> tuple[str, float]:
-        realm = ch.realm
-        if not realm.startswith(("https://", "http://")):
-            raise AuthError(f"{host}: bearer challenge with an unusable realm")
-        try:
-            self._check_address(realm)
-        except RegistryError as exc:
-            raise AuthError(f"{host}: token realm refused, {exc}") from None
-        cred = self._credential(host, repo)
-        realm_host = urlsplit(realm).netloc.rpartition("@")[2]
-        withheld = False
-        if cred is not None and not self._realm_allowed(host, realm):
-            withheld, cred = True, None
-            with self._lock:
-                first = (host, realm_host) not in self._withheld
-                self._withheld.add((host, realm_host))
-            if first:
-                log.warning(
-                    "not sending the credentials for %s to its token realm %s (another "
-                    "host; allow it with auth_realm_hosts); asking anonymously",
-                    host,
-                    realm_host,
-                )
-        service = ch.params.get("service", "")
-        headers = {"Accept-Encoding": "identity"}
-        if cred is not None and cred.identity_token:
-            body = {
-                "grant_type": "refresh_token",
-                "refresh_token": cred.identity_token,
-                "scope": scope,
-                "service": service,
-                "client_id": "als",
-            }
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-            resp = self._send(
-                "POST", realm, headers=headers, deadline=deadline, data=urlencode(body).encode()
-            )
-        else:
-            if cred is not None:
-                headers["Authorization"] = basic_header(cred)
-            q = urlencode({k: v for k, v in (("service", service), ("scope", scope)) if v})
-            url = realm + ("&" if "?" in realm else "?") + q
-            resp = self._send("GET", url, headers=headers, deadline=deadline)
-        with resp:
-            if resp.status_code in TRANSIENT_STATUSES:
-                raise _Transient(
-                    f"token server {realm_host}: HTTP {resp.status_code}", _retry_after(resp), host
-                )
-            if resp.status_code in (401, 403):
-                who = f"as {cred.username!r}" if cred else "anonymously"
-                why = (
-                    f"; the credentials for {host} were withheld from this realm on another "
-                    f"host (auth_realm_hosts)"
-                    if withheld
-                    else ""
-                )
-                raise AuthError(
-                    f"token server {realm_host} refused a token for {scope} of "
-                    f"{host} {who} (HTTP {resp.status_code}){why}"
-                )
-            if resp.status_code != 200:
-                raise AuthError(f"token server {realm_host}: HTTP {resp.status_code} for {scope}")
-            try:
-                data = json.loads(self._read_all(resp, 1 << 20, deadline))
-                token = data.get("token") or data.get("access_token")
-                ttl = float(data.get("expires_in") or 60)
-            except (ValueError, AttributeError, TypeError):
-                raise AuthError(f"token server {realm_host} sent an unparseable answer") from None
-        if not token:
-            raise AuthError(f"token server {realm_host} sent no token for {scope}")
-        return f"Bearer {token}", ttl
-
-    def _realm_allowed(self, host: str, realm: str) -> bool:
-        """Whether the credentials for registry ``host`` may be sent to token ``realm``."""
-        reg = (urlsplit(f"//{host}").hostname or "").lower()
-        parts = urlsplit(realm)
-        target = (parts.hostname or "").lower()
-        if parts.scheme != "https" and not is_loopback_host(target):
-            # plain http only back to the registry's own host, when that is reached over http
-            return target == reg and self._host_state(host).scheme == "http"
-        return self.realm_policy.allows(reg, target)
 
     # ---- core request with auth + redirects ------------------------------------------------
     def _request(
@@ -832,14 +165,14 @@ class RegistryClient:
         data: bytes | None = None,
         redirect_key: tuple[str, str, str] | None = None,
         watch: bool = True,
-    ) -> requests.Response:
-        st = self._ping(ep_host, insecure, deadline)
+    ) -> Response:
+        st = self.auth.ping(ep_host, insecure, deadline)
         url = f"{st.scheme}://{ep_host}{path}"
         hdrs = {"Accept-Encoding": "identity", **(headers or {})}
-        auth = self._auth_header(ep_host, repo, actions, deadline)
+        auth = self.auth.header(ep_host, repo, actions, deadline)
         if auth:
             hdrs["Authorization"] = auth
-        resp = self._send(
+        resp = self.transport.send(
             method, url, headers=hdrs, deadline=deadline, stream=stream, data=data, watch=watch
         )
         if resp.status_code == 401:
@@ -847,12 +180,11 @@ class RegistryClient:
             resp.close()
             if chs:
                 ch = next((c for c in chs if c.scheme == "bearer"), chs[0])
-                with self._lock:
-                    st.challenge = ch
-            auth = self._auth_header(ep_host, repo, actions, deadline, refresh=True)
+                self.auth.set_challenge(st, ch)
+            auth = self.auth.header(ep_host, repo, actions, deadline, refresh=True)
             if auth:
                 hdrs["Authorization"] = auth
-            resp = self._send(
+            resp = self.transport.send(
                 method, url, headers=hdrs, deadline=deadline, stream=stream, data=data, watch=watch
             )
         hops = 0
@@ -875,7 +207,7 @@ class RegistryClient:
                     f"are followed)"
                 )
             try:
-                self._check_address(new)
+                self.transport.check_address(new)
             except RegistryError as exc:
                 raise RegistryError(f"{method} {ep_host}{path}: redirected, {exc}") from None
             if (target.scheme, target.netloc) != (origin.scheme, origin.netloc):
@@ -883,7 +215,7 @@ class RegistryClient:
             if resp.status_code == 303:
                 method, data = ("HEAD" if method == "HEAD" else "GET"), None
             url = new
-            resp = self._send(
+            resp = self.transport.send(
                 method, url, headers=hdrs, deadline=deadline, stream=stream, data=data, watch=watch
             )
         if hops and redirect_key is not None and resp.status_code in (200, 206):
@@ -891,14 +223,14 @@ class RegistryClient:
                 self._redirects[redirect_key] = (url, time.monotonic() + self.redirect_ttl)
         return resp
 
-    def _check_status(self, resp: requests.Response, what: str, host: str) -> None:
+    def _check_status(self, resp: Response, what: str, host: str) -> None:
         """Raise for failure statuses (closing ``resp``); return for 2xx."""
         code = resp.status_code
         if 200 <= code < 300:
             return
         resp.close()
         if code in TRANSIENT_STATUSES:
-            raise _Transient(f"{what}: HTTP {code} from {host}", _retry_after(resp), host)
+            raise Transient(f"{what}: HTTP {code} from {host}", retry_after(resp), host)
         if code == 404:
             raise NotFound(f"{what}: not found on {host}")
         if code in (401, 403):
@@ -906,38 +238,6 @@ class RegistryClient:
         if code == 416:
             raise RegistryError(f"{what}: range not satisfiable (HTTP 416 from {host})")
         raise RegistryError(f"{what}: unexpected HTTP {code} from {host}")
-
-    def _read_all(
-        self, resp: requests.Response, limit: int, deadline: float, what: str = "response"
-    ) -> bytes:
-        cl = resp.headers.get("Content-Length")
-        if cl is not None and cl.isdigit() and int(cl) > limit:
-            resp.close()
-            raise RegistryError(f"{what}: {cl} bytes is over the {limit} byte limit")
-        buf = bytearray()
-        try:
-            for chunk in resp.iter_content(1 << 16):
-                buf += chunk
-                if len(buf) > limit:
-                    resp.close()
-                    raise RegistryError(f"{what}: more than {limit} bytes")
-                if time.monotonic() > deadline:
-                    resp.close()
-                    raise _Transient(f"{what}: deadline reached while reading the body")
-        except (
-            requests.exceptions.ChunkedEncodingError,
-            requests.ConnectionError,
-            requests.Timeout,
-            urllib3.exceptions.HTTPError,
-        ) as exc:
-            raise _Transient(
-                f"{what}: body broken off after {len(buf)} bytes: {type(exc).__name__}"
-            ) from None
-        finally:
-            self.stats.add(bytes_received=len(buf))
-        if cl is not None and cl.isdigit() and len(buf) != int(cl):
-            raise _Transient(f"{what}: truncated body ({len(buf)} of {cl} bytes)")
-        return bytes(buf)
 
     # ---- retry loop ------------------------------------------------------------------------
     def _deadline(self, deadline: float | None) -> float:
@@ -950,7 +250,7 @@ class RegistryClient:
         while True:
             try:
                 return fn()
-            except _Transient as exc:
+            except Transient as exc:
                 attempt += 1
                 now = time.monotonic()
                 delay = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
@@ -974,17 +274,17 @@ class RegistryClient:
         Non-transient failures (404, denied, bad digest) move on to the next source; if every
         source fails and at least one failure was transient, the whole pass is retried.
         """
-        transient: _Transient | None = None
+        transient: Transient | None = None
         errors: list[Exception] = []
         now = time.monotonic()
         for i, (ep, repo) in enumerate(sources):
             last = i == len(sources) - 1
-            st = self._host_state(ep.host)
+            st = self.auth.host_state(ep.host)
             if st.down_until > now and not last and ep.mirror:
                 continue
             try:
                 result = fn(ep, repo)
-            except _Transient as exc:
+            except Transient as exc:
                 transient = exc
                 if ep.mirror and not last:
                     with self._lock:
@@ -1045,7 +345,7 @@ class RegistryClient:
         self, ref: ImageRef | str, *, platform: str | None = None, deadline: float | None = None
     ) -> ResolvedImage:
         r = self._ref(ref)
-        want = _parse_platform(platform or host_platform())
+        want = parse_platform(platform or host_platform())
         dl = self._deadline(deadline)
         sources = [(ep, ep.repository) for ep in self.conf.endpoints(r)]
         what = f"resolving {r}"
@@ -1077,63 +377,35 @@ class RegistryClient:
         )
         self._check_status(resp, what, ep.host)
         with resp:
-            body = self._read_all(resp, MAX_MANIFEST_SIZE, deadline, what)
-            digest = sha256_of(body)
-            if reference.startswith("sha256:") and digest != reference:
-                raise VerifyError(f"{what}: body has digest {digest}, not the one asked for")
-            header = resp.headers.get("Docker-Content-Digest")
-            if header and header.startswith("sha256:") and header != digest:
-                raise VerifyError(
-                    f"{what}: body has digest {digest} but the registry says {header}"
-                )
+            body = self.transport.read_all(resp, MAX_MANIFEST_SIZE, deadline, what)
+            digest = manifest_digest(
+                body, reference, resp.headers.get("Docker-Content-Digest"), what
+            )
             ctype = resp.headers.get("Content-Type", "").split(";")[0].strip()
         return body, digest, ctype
 
     def _resolve_at(
-        self, ref: ImageRef, ep: Endpoint, want: tuple[str, str, str | None], deadline: float
+        self, ref: ImageRef, ep: Endpoint, want: Platform, deadline: float
     ) -> ResolvedImage:
         reference = ref.digest or ref.tag or "latest"
         body, digest, ctype = self._get_manifest(ep, reference, deadline)
-        doc = self._json(body, f"manifest {ep}:{reference}")
-        mtype = str(doc.get("mediaType") or ctype)
+        doc = parse_json(body, f"manifest {ep}:{reference}")
+        mtype = media_type(doc, ctype)
         index_digest = None
         plat: str | None = None
-        if mtype in INDEX_TYPES or ("manifests" in doc and "layers" not in doc):
+        if is_index(doc, mtype):
             index_digest = digest
-            child, plat = self._select_platform(doc, want, f"{ref} ({digest})")
+            child, plat = select_platform(doc, want, f"{ref} ({digest})")
             body, digest, ctype = self._get_manifest(ep, child, deadline)
-            doc = self._json(body, f"manifest {ep}@{child}")
-            mtype = str(doc.get("mediaType") or ctype)
-        if doc.get("schemaVersion") == 1 or "fsLayers" in doc:
-            raise RegistryError(f"{ref}: Docker schema 1 manifests are not supported")
-        if mtype not in MANIFEST_TYPES and "layers" not in doc:
-            raise RegistryError(f"{ref}: unsupported manifest media type {mtype!r}")
-        cfg_desc = doc.get("config") or {}
-        cfg_digest = validate_digest(str(cfg_desc.get("digest", "")))
-        cfg_size = int(cfg_desc.get("size", -1))
+            doc = parse_json(body, f"manifest {ep}@{child}")
+            mtype = media_type(doc, ctype)
+        check_image_manifest(doc, mtype, ref)
+        cfg_digest, cfg_size = config_descriptor(doc)
         config = self._get_small_blob(ep, cfg_digest, cfg_size, deadline)
-        cfg = self._json(config, f"config {cfg_digest} of {ref}")
+        cfg = parse_json(config, f"config {cfg_digest} of {ref}")
         if plat is None:
-            plat = _platform_str(
-                str(cfg.get("os", "")), str(cfg.get("architecture", "")), cfg.get("variant") or None
-            )
-        rootfs = cfg.get("rootfs") or {}
-        diff_ids = [str(d) for d in rootfs.get("diff_ids") or []]
-        layers = []
-        raw_layers = doc.get("layers") or []
-        for i, ld in enumerate(raw_layers):
-            ann = ld.get("annotations") or {}
-            layers.append(
-                LayerDescriptor(
-                    digest=validate_digest(str(ld.get("digest", ""))),
-                    size=int(ld.get("size", -1)),
-                    media_type=str(ld.get("mediaType", "")),
-                    annotations={str(k): str(v) for k, v in ann.items()},
-                    diff_id=diff_ids[i]
-                    if i < len(diff_ids) and len(diff_ids) == len(raw_layers)
-                    else None,
-                )
-            )
+            plat = config_platform(cfg)
+        layers = layer_descriptors(doc, cfg)
         for d in [cfg_digest, *(layer.digest for layer in layers)]:
             self._record_seen(ep.host, ep.repository, d)
         return ResolvedImage(
@@ -1142,51 +414,11 @@ class RegistryClient:
             manifest=body,
             config=config,
             platform=plat,
-            layers=tuple(layers),
+            layers=layers,
             config_digest=cfg_digest,
             source=str(ep),
             index_digest=index_digest,
         )
-
-    @staticmethod
-    def _json(body: bytes, what: str) -> dict[str, Any]:
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            raise RegistryError(f"{what} is not valid JSON") from None
-        if not isinstance(doc, dict):
-            raise RegistryError(f"{what} is not a JSON object")
-        return doc
-
-    @staticmethod
-    def _select_platform(
-        index: Mapping[str, Any], want: tuple[str, str, str | None], what: str
-    ) -> tuple[str, str]:
-        w_os, w_arch, w_var = want
-        norm = {"arm64": "v8"}
-        candidates = []
-        available = []
-        for m in index.get("manifests") or []:
-            p = m.get("platform") or {}
-            os_, arch, var = (
-                str(p.get("os", "")),
-                str(p.get("architecture", "")),
-                p.get("variant") or None,
-            )
-            available.append(_platform_str(os_, arch, var))
-            if os_ != w_os or arch != w_arch:
-                continue
-            if w_var is not None and (var or norm.get(arch)) != (w_var or norm.get(arch)):
-                continue
-            candidates.append((m, _platform_str(os_, arch, var)))
-        if not candidates:
-            raise NotFound(
-                f"{what}: no manifest for platform "
-                f"{_platform_str(w_os, w_arch, w_var)} (available: "
-                f"{', '.join(available) or 'none'})"
-            )
-        m, plat = candidates[0]
-        return validate_digest(str(m.get("digest", ""))), plat
 
     def _get_small_blob(self, ep: Endpoint, digest: str, size: int, deadline: float) -> bytes:
         what = f"blob {digest} in {ep}"
@@ -1201,12 +433,8 @@ class RegistryClient:
         )
         self._check_status(resp, what, ep.host)
         with resp:
-            data = self._read_all(resp, MAX_CONFIG_SIZE, deadline, what)
-        got = sha256_of(data)
-        if got != digest:
-            raise VerifyError(f"{what}: content has digest {got}")
-        if size >= 0 and len(data) != size:
-            raise VerifyError(f"{what}: {len(data)} bytes, descriptor says {size}")
+            data = self.transport.read_all(resp, MAX_CONFIG_SIZE, deadline, what)
+        check_blob(data, digest, size, what)
         return data
 
     # ---- blobs -----------------------------------------------------------------------------
@@ -1297,7 +525,7 @@ class RegistryClient:
         self, pending: Sequence[Region], sources: Sequence[tuple[Endpoint, str]]
     ) -> list[Region]:
         host = sources[0][0].host if sources else ""
-        multi = self.multirange and self._host_state(host).multirange is not False
+        multi = self.multirange and self.auth.host_state(host).multirange is not False
         limit = self.max_ranges_per_request if multi else 1
         batch: list[Region] = []
         total = 0
@@ -1317,7 +545,7 @@ class RegistryClient:
         deadline: float,
         what: str,
     ) -> dict[Region, bytes]:
-        st = self._host_state(ep.host)
+        st = self.auth.host_state(ep.host)
         if len(batch) > 1 and (st.multirange is False or not self.multirange):
             out: dict[Region, bytes] = {}
             for reg in batch:
@@ -1349,7 +577,7 @@ class RegistryClient:
                 for reg in missing:
                     out.update(self._fetch_batch(ep, repo, digest, [reg], deadline, what))
             else:
-                raise _Transient(
+                raise Transient(
                     f"{what}: response from {ep.host} does not cover bytes {batch[0].header_spec()}"
                 )
         elif len(batch) > 1:
@@ -1374,9 +602,9 @@ class RegistryClient:
             self.stats.add(multirange=1)
         with self._lock:
             cached = self._redirects.get(key)
-        resp: requests.Response | None = None
+        resp: Response | None = None
         if cached is not None and cached[1] > time.monotonic():
-            resp = self._send(
+            resp = self.transport.send(
                 "GET",
                 cached[0],
                 headers={"Accept-Encoding": "identity", **headers},
@@ -1416,7 +644,7 @@ class RegistryClient:
             if resp.status_code != 206:
                 raise RegistryError(f"{what}: unexpected HTTP {resp.status_code}")
             limit = sum(r.length for r in batch) + 4096 * len(batch) + 4096
-            body = self._read_all(resp, limit, deadline, what)
+            body = self.transport.read_all(resp, limit, deadline, what)
             ctype = resp.headers.get("Content-Type", "")
             try:
                 boundary = multipart_boundary(ctype)
@@ -1425,16 +653,16 @@ class RegistryClient:
                 start, end, _total = parse_content_range(resp.headers.get("Content-Range", ""))
             except RangeParseError as exc:
                 if exc.truncated:
-                    raise _Transient(f"{what}: {exc}") from None
+                    raise Transient(f"{what}: {exc}") from None
                 raise RegistryError(f"{what}: bad range response from {ep.host}: {exc}") from None
             if len(body) != end - start:
-                raise _Transient(
+                raise Transient(
                     f"{what}: got {len(body)} bytes for Content-Range {start}-{end - 1}"
                 )
             return [(start, body)]
 
     def _from_full_body(
-        self, resp: requests.Response, batch: Sequence[Region], deadline: float, what: str
+        self, resp: Response, batch: Sequence[Region], deadline: float, what: str
     ) -> list[tuple[int, bytes]]:
         """A 200 answer to a range request: stream the blob, keep only what was asked."""
         log.debug("%s: server ignored Range, reading the whole body", what)
@@ -1453,18 +681,13 @@ class RegistryClient:
                 if pos >= want_end:
                     break
                 if time.monotonic() > deadline:
-                    raise _Transient(f"{what}: deadline reached while reading the body")
-        except (
-            requests.exceptions.ChunkedEncodingError,
-            requests.ConnectionError,
-            requests.Timeout,
-            urllib3.exceptions.HTTPError,
-        ) as exc:
-            raise _Transient(
+                    raise Transient(f"{what}: deadline reached while reading the body")
+        except BODY_ERRORS as exc:
+            raise Transient(
                 f"{what}: body broken off at byte {pos}: {type(exc).__name__}"
             ) from None
         if pos < want_end:
-            raise _Transient(f"{what}: body ended at byte {pos}, before {want_end}")
+            raise Transient(f"{what}: body ended at byte {pos}, before {want_end}")
         return [(reg.start, bytes(buf)) for reg, buf in zip(batch, bufs, strict=True)]
 
     def open_blob(
@@ -1490,7 +713,7 @@ class RegistryClient:
 
             def open_one(
                 ep: Endpoint, repo: str, off: int = start_offset, until: float = dl
-            ) -> requests.Response:
+            ) -> Response:
                 headers = {"Range": f"bytes={off}-"} if off else {}
                 resp = self._request(
                     ep.host,
@@ -1526,12 +749,7 @@ class RegistryClient:
                         h.update(chunk)
                         offset += len(chunk)
                         yield chunk
-            except (
-                requests.exceptions.ChunkedEncodingError,
-                requests.ConnectionError,
-                requests.Timeout,
-                urllib3.exceptions.HTTPError,
-            ) as exc:
+            except BODY_ERRORS as exc:
                 if time.monotonic() >= dl:
                     raise RegistryError(
                         f"{what}: broken off at byte {offset} and out of time: {type(exc).__name__}"
@@ -1549,97 +767,3 @@ class RegistryClient:
             raise VerifyError(
                 f"blob {digest} of {r}: content has digest {got} ({offset} bytes); discard it"
             )
-
-    # ---- push (tests, demos) ---------------------------------------------------------------
-    def push_blob(self, ref: ImageRef | str, data: bytes, *, deadline: float | None = None) -> str:
-        r = self._ref(ref)
-        digest = sha256_of(data)
-        ep = self.conf.endpoints(r.with_digest(digest))[-1]
-        dl = self._deadline(deadline)
-        what = f"push blob {digest} to {ep}"
-
-        def push() -> str:
-            resp = self._request(
-                ep.host,
-                ep.repository,
-                "HEAD",
-                f"/v2/{ep.repository}/blobs/{digest}",
-                deadline=dl,
-                actions="pull,push",
-                insecure=ep.insecure,
-            )
-            resp.close()
-            if resp.status_code == 200:
-                return digest
-            resp = self._request(
-                ep.host,
-                ep.repository,
-                "POST",
-                f"/v2/{ep.repository}/blobs/uploads/",
-                deadline=dl,
-                actions="pull,push",
-                insecure=ep.insecure,
-            )
-            self._check_status(resp, what, ep.host)
-            resp.close()
-            loc = resp.headers.get("Location", "")
-            if not loc:
-                raise RegistryError(f"{what}: upload started without a Location")
-            st = self._host_state(ep.host)
-            url = urljoin(f"{st.scheme}://{ep.host}/", loc)
-            url += ("&" if "?" in url else "?") + urlencode({"digest": digest})
-            parts = urlsplit(url)
-            path = parts.path + "?" + parts.query
-            resp = self._request(
-                parts.netloc,
-                ep.repository,
-                "PUT",
-                path,
-                deadline=dl,
-                actions="pull,push",
-                insecure=ep.insecure,
-                data=data,
-                headers={"Content-Type": "application/octet-stream"},
-            )
-            self._check_status(resp, what, ep.host)
-            resp.close()
-            return digest
-
-        return self._retrying(what, dl, push)
-
-    def push_manifest(
-        self,
-        ref: ImageRef | str,
-        manifest: bytes,
-        media_type: str,
-        *,
-        deadline: float | None = None,
-    ) -> str:
-        r = self._ref(ref)
-        digest = sha256_of(manifest)
-        ep = self.conf.endpoints(r)[-1]
-        tag = r.tag or digest
-        dl = self._deadline(deadline)
-        what = f"push manifest {digest} to {ep}:{tag}"
-
-        def push() -> str:
-            resp = self._request(
-                ep.host,
-                ep.repository,
-                "PUT",
-                f"/v2/{ep.repository}/manifests/{tag}",
-                deadline=dl,
-                actions="pull,push",
-                insecure=ep.insecure,
-                data=manifest,
-                headers={"Content-Type": media_type},
-            )
-            self._check_status(resp, what, ep.host)
-            resp.close()
-            return digest
-
-        return self._retrying(what, dl, push)
-
-
-class _TLSFailure(RegistryError):
-    """TLS handshake or certificate failure: not retried, but another source may be tried."""

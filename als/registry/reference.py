@@ -34,7 +34,7 @@ _DIGEST_RE = re.compile(rf"^{_DIGEST}$")
 _LOOPBACK_RE = re.compile(r"^(?:localhost|127(?:\.\d{1,3}){3}|\[::1\])(?::\d+)?$")
 
 
-class ReferenceError(ConfigError):
+class InvalidReference(ConfigError):
     """An image reference that cannot be parsed."""
 
 
@@ -76,9 +76,9 @@ def is_loopback_host(host: str) -> bool:
 
 
 def validate_digest(digest: str) -> str:
-    """Return ``digest`` if it is a well-formed ``sha256:<64 hex>``, else raise ReferenceError."""
+    """Return ``digest`` if it is a well-formed ``sha256:<64 hex>``, else raise InvalidReference."""
     if not is_digest(digest):
-        raise ReferenceError(
+        raise InvalidReference(
             f"invalid or unsupported digest {digest[:80]!r} (want sha256:<64 hex>)"
         )
     return digest
@@ -110,12 +110,12 @@ def parse_reference(s: str) -> ImageRef:
     if text.startswith("docker://"):
         text = text[len("docker://") :]
     if not text:
-        raise ReferenceError("empty image reference")
+        raise InvalidReference("empty image reference")
     digest: str | None = None
     if "@" in text:
         text, digest = text.split("@", 1)
         if not _DIGEST_RE.match(digest):
-            raise ReferenceError(f"invalid digest in image reference {s!r}")
+            raise InvalidReference(f"invalid digest in image reference {s!r}")
         validate_digest(digest)
     tag: str | None = None
     slash = text.rfind("/")
@@ -123,15 +123,15 @@ def parse_reference(s: str) -> ImageRef:
     if colon > slash:
         text, tag = text[:colon], text[colon + 1 :]
         if not _TAG_RE.match(tag):
-            raise ReferenceError(f"invalid tag {tag!r} in image reference {s!r}")
+            raise InvalidReference(f"invalid tag {tag!r} in image reference {s!r}")
     if len(text) > MAX_NAME_LENGTH:
-        raise ReferenceError(f"repository name longer than {MAX_NAME_LENGTH} characters: {s!r}")
+        raise InvalidReference(f"repository name longer than {MAX_NAME_LENGTH} characters: {s!r}")
     registry, repository = split_domain(text)
     if not _DOMAIN_RE.match(registry):
-        raise ReferenceError(f"invalid registry name {registry!r} in image reference {s!r}")
+        raise InvalidReference(f"invalid registry name {registry!r} in image reference {s!r}")
     if not _PATH_RE.match(repository):
         hint = " (repository names must be lowercase)" if repository.lower() != repository else ""
-        raise ReferenceError(f"invalid repository name {repository!r} in {s!r}{hint}")
+        raise InvalidReference(f"invalid repository name {repository!r} in {s!r}{hint}")
     if tag is None and digest is None:
         tag = DEFAULT_TAG
     return ImageRef(registry, repository, tag, digest)

@@ -33,7 +33,7 @@ from als.errors import AlsError, FormatError, NotFound, NotLazy, RegistryError, 
 from als.formats import Chunk, EntryType, LayerIndex, decode_chunk, load_index, verify_file
 from als.oci import ANN_UNCOMPRESSED_SIZE, toc_digest_of
 from als.ranges import merge as merge_spans
-from als.registry.client import LayerDescriptor
+from als.registry.types import LayerDescriptor
 from als.store.cache import DiskCache, Ingest, LayerRecord
 from als.store.config import StoreConfig
 from als.store.protocol import LayerInfo

@@ -15,6 +15,7 @@ import requests
 from als.errors import AuthError, RegistryError
 from als.registry import CredentialStore, RegistriesConf, RegistryClient
 from tests.integration.conftest import BASIC_USERS, TOKEN_USERS, TLSRegistry, TokenRegistry
+from tests.support.push import push_blob
 from tests.support.registry import RegistryServer, TLSMaterial, make_tar_layer, push_image
 
 pytestmark = pytest.mark.registry
@@ -231,7 +232,7 @@ def test_token_refresh_on_401(token_registry: TokenRegistry, token_image: tuple[
     with RegistryClient() as c:
         c.resolve(ref)
         # The registry stops accepting the cached token (as when it expires early).
-        for tok in c._tokens.values():
+        for tok in c.auth.tokens.values():
             tok.header = "Bearer not-a-valid-token"
         assert len(c.fetch_ranges(ref, digest, [(0, 10)])[0]) == 10
     assert len(token_registry.token.requests) - before == 2
@@ -253,7 +254,7 @@ def test_token_with_credentials_and_push(
     assert BOB_PW not in caplog.text
     # Anonymous clients may pull but not push.
     with RegistryClient(max_retry_time=3) as anon, pytest.raises(AuthError):
-        anon.push_blob(f"{host}/tok/denied", b"nope")
+        push_blob(anon, f"{host}/tok/denied", b"nope")
 
 
 def test_identity_token(token_registry: TokenRegistry, token_image: tuple[str, str]) -> None:

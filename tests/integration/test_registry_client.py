@@ -12,7 +12,7 @@ import pytest
 
 from als.errors import NotFound, RegistryError
 from als.registry import RegistryClient
-from als.registry.client import host_platform
+from als.registry.manifests import host_platform
 from tests.support.registry import (
     RegistryServer,
     SimpleLayer,

@@ -31,7 +31,9 @@ import pytest
 from als.errors import AlsError, AuthError, ConfigError, RegistryError, VerifyError
 from als.registry import CredentialStore, RegistryClient
 from als.registry.auth import parse_realm_policy
-from als.registry.client import MAX_MANIFEST_SIZE, MAX_REDIRECTS, blocked_address
+from als.registry.client import MAX_REDIRECTS
+from als.registry.manifests import MAX_MANIFEST_SIZE
+from als.registry.transport import blocked_address
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.registry import RegistryServer, make_tar_layer, push_image
 

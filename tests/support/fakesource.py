@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from als.errors import NotFound, RegistryError
-from als.registry.client import LayerDescriptor
+from als.registry.types import LayerDescriptor
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import requests
+
+if TYPE_CHECKING:  # pushing through an als client is optional: als is imported only then
+    from als.registry import RegistryClient
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -672,30 +675,27 @@ def make_tar_layer(files: Mapping[str, bytes], *, mtime: int = 1_700_000_000) ->
     )
 
 
-class Pusher(Protocol):
-    """Anything with the RegistryClient push helpers (``als.registry.RegistryClient`` fits)."""
-
-    def push_blob(self, ref: str, data: bytes) -> str: ...
-    def push_manifest(self, ref: str, manifest: bytes, media_type: str) -> str: ...
-
-
 class _ClientTarget:
     """Push through an als RegistryClient (its auth, TLS and registries.conf handling)."""
 
-    def __init__(self, client: Pusher, registry_host: str) -> None:
+    def __init__(self, client: RegistryClient, registry_host: str) -> None:
         self.client = client
         self.host = registry_host
 
     def blob(self, repo: str, data: bytes) -> str:
-        return self.client.push_blob(f"{self.host}/{repo}", data)
+        from tests.support.push import push_blob
+
+        return push_blob(self.client, f"{self.host}/{repo}", data)
 
     def manifest(self, repo: str, ref: str, body: bytes, media_type: str) -> str:
+        from tests.support.push import push_manifest
+
         sep = "@" if ref.startswith("sha256:") else ":"
-        return self.client.push_manifest(f"{self.host}/{repo}{sep}{ref}", body, media_type)
+        return push_manifest(self.client, f"{self.host}/{repo}{sep}{ref}", body, media_type)
 
 
 def _target(
-    target: RegistryServer | str | Pusher,
+    target: RegistryServer | str | RegistryClient,
     session: requests.Session | None,
     registry_host: str | None,
 ) -> _Target | _ClientTarget:
@@ -812,7 +812,7 @@ class PushedImage:
 
 
 def push_image_full(
-    target: RegistryServer | str | Pusher,
+    target: RegistryServer | str | RegistryClient,
     repo: str,
     tag: str | None,
     layers: Sequence[LayerLike],
@@ -867,7 +867,7 @@ def push_image_full(
 
 
 def push_image(
-    target: RegistryServer | str | Pusher,
+    target: RegistryServer | str | RegistryClient,
     repo: str,
     tag: str | None,
     layers: Sequence[LayerLike],
@@ -884,7 +884,7 @@ def push_image(
 
 
 def push_index(
-    target: RegistryServer | str | Pusher,
+    target: RegistryServer | str | RegistryClient,
     repo: str,
     tag: str,
     manifests: Sequence[tuple[PushedImage, str]],
@@ -915,7 +915,7 @@ def push_index(
 
 
 def push_blob(
-    target: RegistryServer | str | Pusher,
+    target: RegistryServer | str | RegistryClient,
     repo: str,
     data: bytes,
     session: requests.Session | None = None,

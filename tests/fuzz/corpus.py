@@ -18,13 +18,8 @@ import zstandard
 
 from als.formats.detect import parse_footer
 from als.formats.tarsplit import build_tarsplit
-from als.formats.writer import (
-    BuiltLayer,
-    FileSpec,
-    build_estargz,
-    build_zstd_chunked,
-    tar_from_spec,
-)
+from als.formats.writer import BuiltLayer, build_estargz, build_zstd_chunked
+from tests.support.tarspec import FileSpec, tar_from_spec
 
 # <repo>/../shared/fixtures/go-made (optional: the fuzzers use it when it is there)
 GO_MADE = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "go-made"

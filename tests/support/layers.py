@@ -16,15 +16,8 @@ from typing import Any
 
 import pytest
 
-from als.formats.writer import (
-    BuiltLayer,
-    FileSpec,
-    build_estargz,
-    build_gzip,
-    build_zstd,
-    build_zstd_chunked,
-    tar_from_spec,
-)
+from als.formats.writer import BuiltLayer, build_estargz, build_gzip, build_zstd, build_zstd_chunked
+from tests.support.tarspec import FileSpec, tar_from_spec
 
 __all__ = [
     "ALL_FORMATS",

@@ -20,12 +20,11 @@ from als.formats.writer import (
     MANIFEST_CHECKSUM,
     MANIFEST_POSITION,
     TARSPLIT_POSITION,
-    FileSpec,
     build_zstd_chunked,
     rollsum_chunks,
-    tar_from_spec,
 )
 from tests.support.layers import go_made
+from tests.support.tarspec import FileSpec, tar_from_spec
 
 ZSTD_MAGIC = bytes.fromhex("28b52ffd")
 SKIPPABLE = bytes.fromhex("502a4d18")

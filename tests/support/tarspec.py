@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from als.formats.tarsplit import BLOCK
-from als.formats.writer import _pad as pad
-from als.formats.writer import _ustar_header as ustar_header
+from als.formats.writer.common import pad, ustar_header
 
 __all__ = ["DEFAULT_MTIME", "EntryKind", "FileSpec", "tar_from_spec"]
 

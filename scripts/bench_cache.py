@@ -49,10 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the demo, a sibling 
 from demo import CMD, READS, app_spec, base_spec
 
 from als.cli.status import StatusError, fetch_status
-from als.formats.writer import BuiltLayer, FileSpec, build_estargz, build_gzip, tar_from_spec
+from als.formats.writer import BuiltLayer, build_estargz, build_gzip
 from tests.support.mount import FUSE_AVAILABLE, ProcessMount
 from tests.support.podman import PODMAN, Podman, write_registries_conf
 from tests.support.registry import RegistryServer, push_image_full, registry_available
+from tests.support.tarspec import FileSpec, tar_from_spec
 
 NAME = "bench_cache"
 COMPLETE_TIMEOUT = 600.0  # seconds to wait for the background downloads of row (a)

@@ -38,13 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from als.formats.writer import (
-    BuiltLayer,
-    build_estargz,
-    build_gzip,
-    build_zstd_chunked,
-    tar_from_spec,
-)
+from als.formats.writer import BuiltLayer, build_estargz, build_gzip, build_zstd_chunked
+from tests.support.tarspec import tar_from_spec
 
 VERSION = "1"
 VARIANTS = ("gzip", "estargz-prio", "estargz", "zstd-chunked")

@@ -54,17 +54,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from als.formats.writer import (
-    BuiltLayer,
-    FileSpec,
-    build_estargz,
-    build_zstd_chunked,
-    tar_from_spec,
-)
+from als.formats.writer import BuiltLayer, build_estargz, build_zstd_chunked
 from tests.support.faultproxy import Fault, FaultProxy, Phase, Schedule
 from tests.support.mount import FUSE_AVAILABLE, ProcessMount
 from tests.support.podman import BUSYBOX, PODMAN, RUN_FLAGS, Podman, write_registries_conf
 from tests.support.registry import RegistryServer, push_image, registry_available
+from tests.support.tarspec import FileSpec, tar_from_spec
 
 NAME = "chaos"
 BLOB = r"^GET /v2/\S+/blobs/sha256:"

@@ -11,10 +11,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from als.formats.writer import BuiltLayer, FileSpec, build_estargz, build_gzip, tar_from_spec
+from als.formats.writer import BuiltLayer, build_estargz, build_gzip
 from tests.support.mount import ProcessMount
 from tests.support.podman import Podman, write_registries_conf
 from tests.support.registry import RegistryServer, push_image
+from tests.support.tarspec import FileSpec, tar_from_spec
 
 APPLETS = ["sh", "cat", "ls", "wc", "head", "echo", "sha256sum"]
 PYLIB = Path("/usr/lib/python3.11")

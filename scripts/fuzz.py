@@ -31,7 +31,8 @@ def _child(target_name: str, seconds: int, workdir: Path) -> None:
 
     sys.path.insert(0, str(REPO))
     with atheris.instrument_imports(include=["als"]):
-        import als.formats.decode  # instrumented for coverage feedback
+        import als.formats.builder  # instrumented for coverage feedback
+        import als.formats.decode
         import als.formats.detect
         import als.formats.model
         import als.formats.tarsplit

@@ -5,6 +5,7 @@ Pure functions over bytes: no network, no FUSE, no trio. See docs/formats.md.
 
 from __future__ import annotations
 
+from als.formats.builder import IndexBuilder
 from als.formats.decode import decode_chunk, iter_file, read_file, verify_file
 from als.formats.detect import (
     Footer,
@@ -24,7 +25,6 @@ from als.formats.model import (
     Chunk,
     Entry,
     EntryType,
-    IndexBuilder,
     LayerIndex,
     ReadRanges,
 )

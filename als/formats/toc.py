@@ -16,6 +16,7 @@ from typing import Any
 
 from als import digest
 from als.errors import FormatError
+from als.formats.builder import IndexBuilder, clean_path
 from als.formats.model import (
     MAX_FILE_SIZE,
     MAX_ID,
@@ -24,9 +25,7 @@ from als.formats.model import (
     MAX_TOC_RECORDS,
     MAX_XATTR_VALUE,
     EntryType,
-    IndexBuilder,
     LayerIndex,
-    clean_path,
 )
 
 _REG = int(EntryType.REG)

@@ -1,5 +1,5 @@
 """Seed inputs for the format fuzzers: valid layers made with the project's writer, the Go-made
-fixtures (when ../shared is present), and the pieces the parsers see (footers, TOC JSON, zstd
+fixtures (tests/fixtures/go-made), and the pieces the parsers see (footers, TOC JSON, zstd
 frames, tars, tar-split documents).
 
 Everything here is deterministic and built once per process.
@@ -12,28 +12,14 @@ import json
 import struct
 import zlib
 from collections.abc import Mapping
-from pathlib import Path
 
 import zstandard
 
 from als.formats.detect import parse_footer
 from als.formats.tarsplit import build_tarsplit
-from als.formats.writer import (
-    BuiltLayer,
-    FileSpec,
-    build_estargz,
-    build_zstd_chunked,
-    tar_from_spec,
-)
-
-# <repo>/../shared/fixtures/go-made (optional: the fuzzers use it when it is there)
-GO_MADE = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "go-made"
-GO_BLOBS = ("esgz.bin", "esgz-zstd.bin", "zchunked.bin", "legacy-stargz-footer47.bin")
-# The Go-made blobs' annotations (from the fixtures' README).
-GO_ANNOTATIONS: Mapping[str, Mapping[str, str]] = {
-    "esgz-zstd.bin": {"io.containers.zstd-chunked.manifest-position": "1536:790:2443:1"},
-    "zchunked.bin": {"io.containers.zstd-chunked.manifest-position": "1105:622:2088:1"},
-}
+from als.formats.writer import BuiltLayer, build_estargz, build_zstd_chunked
+from tests.support.gomade import GO_ANNOTATIONS, GO_BLOBS, go_made
+from tests.support.tarspec import FileSpec, tar_from_spec
 
 SPEC: dict[str, bytes | str | FileSpec] = {
     "etc/os-release": b"ID=fuzz\n",
@@ -69,18 +55,12 @@ def seed_layers() -> dict[str, BuiltLayer]:
 
 @functools.cache
 def go_blobs() -> dict[str, bytes]:
-    out = {}
-    for name in GO_BLOBS:
-        p = GO_MADE / name
-        if p.is_file():
-            out[name] = p.read_bytes()
-    return out
+    return {name: go_made(name) for name in GO_BLOBS}
 
 
 @functools.cache
-def go_tar() -> bytes | None:
-    p = GO_MADE / "in.tar"
-    return p.read_bytes() if p.is_file() else None
+def go_tar() -> bytes:
+    return go_made("in.tar")
 
 
 def all_blobs() -> list[tuple[str, bytes, Mapping[str, str]]]:
@@ -146,9 +126,7 @@ def seed_tars() -> list[bytes]:
     out = [seed_tar(), tar_from_spec({"a": FileSpec(content=b"x", pax={"atime": "1.5"})})]
     long = "d/" + "n" * 150
     out.append(tar_from_spec({long: b"long name", "l": FileSpec(type="symlink", link=long)}))
-    g = go_tar()
-    if g is not None:
-        out.append(g)
+    out.append(go_tar())
     return out
 
 

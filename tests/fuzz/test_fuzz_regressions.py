@@ -19,7 +19,7 @@ from als.formats import LayerAnnotations
 from als.formats.model import MAX_TOC_RECORDS
 from als.formats.tarsplit import assemble_tar, scan_tar
 from als.formats.toc import load_toc_json
-from als.formats.writer import FileSpec, tar_from_spec
+from tests.support.tarspec import FileSpec, tar_from_spec
 
 REPO = Path(__file__).resolve().parents[2]
 

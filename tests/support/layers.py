@@ -11,20 +11,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import pytest
-
-from als.formats.writer import (
-    BuiltLayer,
-    FileSpec,
-    build_estargz,
-    build_gzip,
-    build_zstd,
-    build_zstd_chunked,
-    tar_from_spec,
-)
+from als.formats.writer import BuiltLayer, build_estargz, build_gzip, build_zstd, build_zstd_chunked
+from tests.support.gomade import GO_MADE_DIR, go_made
+from tests.support.tarspec import FileSpec, tar_from_spec
 
 __all__ = [
     "ALL_FORMATS",
@@ -50,8 +41,8 @@ ALL_FORMATS: tuple[str, ...] = (*LAZY_FORMATS, "gzip", "zstd")
 
 Spec = Mapping[str, bytes | str | FileSpec]
 
-# <repo>/../shared/fixtures/go-made: blobs written by the real Go producers (may be absent).
-GO_MADE = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "go-made"
+# tests/fixtures/go-made: blobs written by the real Go producers (see tests/support/gomade.py).
+GO_MADE = GO_MADE_DIR
 
 
 def make_tar(spec: Spec, **kwargs: Any) -> bytes:
@@ -96,14 +87,6 @@ def make_layer(
     if fmt == "zstd":
         return build_zstd(tar, **kwargs)
     raise ValueError(f"unknown layer format {fmt!r}; choose from {ALL_FORMATS}")
-
-
-def go_made(name: str) -> bytes:
-    """A file of the Go-made fixtures; skips the test when the shared folder is absent."""
-    path = GO_MADE / name
-    if not path.is_file():
-        pytest.skip(f"Go-made fixture {name} not available")
-    return path.read_bytes()
 
 
 def noise(name: str, n: int) -> bytes:

@@ -17,8 +17,11 @@ from typing import Any
 import pytest
 import zstandard
 
-GO_MADE_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "go-made"
-GO_BLOBS = ("esgz.bin", "esgz-zstd.bin", "zchunked.bin", "legacy-stargz-footer47.bin")
+from tests.support import gomade
+
+# The Go-made fixtures (tests/fixtures/go-made), under the names the tests here use.
+GO_MADE_DIR = gomade.GO_MADE_DIR
+GO_BLOBS = gomade.GO_BLOBS
 
 
 def sha256(b: bytes) -> str:
@@ -26,10 +29,8 @@ def sha256(b: bytes) -> str:
 
 
 def go_blob(name: str) -> bytes:
-    p = GO_MADE_DIR / name
-    if not p.is_file():
-        pytest.skip(f"Go-made fixture {name} not available")
-    return p.read_bytes()
+    """A file of the Go-made fixtures (``tests/fixtures/go-made``); a missing one fails the test."""
+    return gomade.go_made(name)
 
 
 class CountingReader:
@@ -167,6 +168,6 @@ def simple_layer(
 
 @pytest.fixture
 def go_made_dir() -> Path:
-    if not GO_MADE_DIR.is_dir():
-        pytest.skip("Go-made fixtures not available")
+    """The Go-made fixtures' folder; it is part of the repository, so it must be there."""
+    assert GO_MADE_DIR.is_dir(), f"{GO_MADE_DIR} is missing"
     return GO_MADE_DIR

@@ -23,8 +23,9 @@ bp = importlib.import_module("bench_perf")
 bw = importlib.import_module("bench_workloads")
 
 from als.formats.tarsplit import scan_tar  # noqa: E402
-from als.formats.writer import FileSpec, build_estargz, tar_from_spec  # noqa: E402
+from als.formats.writer import build_estargz  # noqa: E402
 from tests.support.registry import AccessEntry  # noqa: E402
+from tests.support.tarspec import FileSpec, tar_from_spec  # noqa: E402
 
 
 def test_parse_strace_keeps_successful_opens_after_chroot_in_order() -> None:

@@ -6,7 +6,8 @@ import pytest
 
 from als import oci
 from als.digest import sha256_of
-from als.formats.writer import FileSpec, build_estargz, build_zstd_chunked, tar_from_spec
+from als.formats.writer import build_estargz, build_zstd_chunked
+from tests.support.tarspec import FileSpec, tar_from_spec
 
 D1, D2 = sha256_of(b"1"), sha256_of(b"2")
 

@@ -159,9 +159,9 @@ def _dirs_toc(n: int) -> bytes:
 
 
 def test_entry_count_cap_is_enforced(monkeypatch: pytest.MonkeyPatch) -> None:
-    from als.formats import model, toc
+    from als.formats import builder, toc
 
-    monkeypatch.setattr(model, "MAX_ENTRIES", 5000)
+    monkeypatch.setattr(builder, "MAX_ENTRIES", 5000)
     region, _ = simple_layer({})
     blob = wrap_estargz(region, _dirs_toc(4000))
     assert len(load_index(CountingReader(blob), len(blob))) > 4000

@@ -13,8 +13,8 @@ import zstandard
 
 from als.cli import main
 from als.formats import load_index, read_file
-from als.formats.writer import FileSpec
 from tests.support.layers import make_tar
+from tests.support.tarspec import FileSpec
 
 TOOL = bytes(range(256)) * 40
 SPEC: dict[str, bytes | str | FileSpec] = {

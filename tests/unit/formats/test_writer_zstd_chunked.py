@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import zstandard
 
-from als.formats import writer
 from als.formats.tarsplit import assemble_tar, scan_tar
 from als.formats.writer import (
     LEGACY_MANIFEST_CHECKSUM,
@@ -20,12 +19,12 @@ from als.formats.writer import (
     MANIFEST_CHECKSUM,
     MANIFEST_POSITION,
     TARSPLIT_POSITION,
-    FileSpec,
     build_zstd_chunked,
     rollsum_chunks,
-    tar_from_spec,
+    zstd_chunked,
 )
 from tests.support.layers import go_made
+from tests.support.tarspec import FileSpec, tar_from_spec
 
 ZSTD_MAGIC = bytes.fromhex("28b52ffd")
 SKIPPABLE = bytes.fromhex("502a4d18")
@@ -258,7 +257,7 @@ def test_rollsum_matches_a_direct_transcription(monkeypatch: pytest.MonkeyPatch)
     assert [b - a for a, b, z in got if z] == [1024, 2000, 3000]
     assert len([c for c in got if not c[2]]) > 3  # content-defined splits happened
     # the block-wise computation gives the same splits whatever the block size
-    monkeypatch.setattr(writer, "_ROLL_BLOCK", 4099)
+    monkeypatch.setattr(zstd_chunked, "_ROLL_BLOCK", 4099)
     assert rollsum_chunks(data) == got
     no_holes = rollsum_chunks(data, zero_runs=False)
     assert not any(z for _, _, z in no_holes)

@@ -20,11 +20,10 @@ from als.formats.writer import (
     LEGACY_MANIFEST_CHECKSUM,
     LEGACY_MANIFEST_POSITION,
     TOC_DIGEST,
-    FileSpec,
     build_estargz,
-    tar_from_spec,
 )
 from tests.support.layers import go_made
+from tests.support.tarspec import FileSpec, tar_from_spec
 
 SHA_EMPTY = "sha256:" + hashlib.sha256(b"").hexdigest()
 

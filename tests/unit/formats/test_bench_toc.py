@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_toc.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "bench_toc.py"
 
 
 def test_bench_toc_quick_output_and_memory_budget() -> None:

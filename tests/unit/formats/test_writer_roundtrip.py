@@ -15,8 +15,9 @@ from als.errors import FormatError, NotLazy, VerifyError
 from als.formats import LayerIndex, ReadRanges, load_index, read_file
 from als.formats.tarsplit import assemble_tar, build_tarsplit, scan_tar
 from als.formats.toc import TOC_TYPES
-from als.formats.writer import BuiltLayer, FileSpec
+from als.formats.writer import BuiltLayer
 from tests.support.layers import LAZY_FORMATS, make_layer, make_tar
+from tests.support.tarspec import FileSpec
 
 TYPES = TOC_TYPES  # TOC type names -> EntryType
 

@@ -18,8 +18,8 @@ from als.formats.tarsplit import (
     go_json,
     scan_tar,
 )
-from als.formats.writer import FileSpec, tar_from_spec
 from tests.support.layers import go_made
+from tests.support.tarspec import FileSpec, tar_from_spec
 
 SPEC: dict[str, bytes | str | FileSpec] = {
     "etc/os-release": b"ID=test\n",

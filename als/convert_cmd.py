@@ -6,8 +6,6 @@ import argparse
 import gzip
 import io
 import json
-import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +21,7 @@ from als.formats.writer import (
     build_zstd,
     build_zstd_chunked,
 )
+from als.fsutil import write_atomic
 
 DEFAULT_ESTARGZ_CHUNK = 4 << 20
 CONVERT_FORMATS = ("estargz", "estargz-zstd", "zstd-chunked", "zstd-chunked-1.43", "gzip", "zstd")
@@ -89,18 +88,6 @@ def describe(layer: BuiltLayer) -> dict[str, object]:
     }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path = path.absolute()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def convert_main(args: argparse.Namespace) -> int:
     """CLI entry: writes the blob to DEST and prints a JSON description on stdout.
 
@@ -126,9 +113,9 @@ def convert_main(args: argparse.Namespace) -> int:
         prioritized=prioritized,
     )
     try:
-        _write_atomic(Path(args.dest), layer.blob)
+        write_atomic(Path(args.dest), layer.blob)
         if args.annotations_out:
-            _write_atomic(
+            write_atomic(
                 Path(args.annotations_out),
                 (json.dumps(layer.annotations, indent=2, sort_keys=True) + "\n").encode(),
             )

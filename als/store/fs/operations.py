@@ -1,8 +1,10 @@
 """The pyfuse3 Operations: a thin translation layer over :mod:`als.store.fs.namespace` and layers.
 
-This and :mod:`als.store.daemon` are the only modules that import pyfuse3. Every handler goes
-through :func:`_guard`, the single error boundary: pyfuse3 only catches ``FUSEError``, and any
-other exception would end the daemon and leave a dead mount under every running container.
+This and :mod:`als.store.daemon` are the only modules that import pyfuse3. Every handler that
+does any work goes through :func:`_guard`, the single error boundary: pyfuse3 only catches
+``FUSEError``, and any other exception would end the daemon and leave a dead mount under every
+running container. (The handlers that only refuse a change are :func:`_read_only`, which raises
+nothing else.)
 """
 
 from __future__ import annotations

@@ -10,8 +10,6 @@ import argparse
 import gzip
 import io
 import json
-import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,24 +90,14 @@ def describe(layer: BuiltLayer) -> dict[str, object]:
     }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path = path.absolute()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def convert_main(args: argparse.Namespace) -> int:
     """CLI entry: writes the blob to DEST and prints a JSON description on stdout.
 
     ``--annotations-out FILE`` also writes the layer annotations (a plain JSON object of
     strings, the form ``als inspect --annotations`` reads).
     """
+    from als.fsutil import write_atomic
+
     src = Path(args.src)
     try:
         data = src.read_bytes()
@@ -129,9 +117,9 @@ def convert_main(args: argparse.Namespace) -> int:
         prioritized=prioritized,
     )
     try:
-        _write_atomic(Path(args.dest), layer.blob)
+        write_atomic(Path(args.dest), layer.blob)
         if args.annotations_out:
-            _write_atomic(
+            write_atomic(
                 Path(args.annotations_out),
                 (json.dumps(layer.annotations, indent=2, sort_keys=True) + "\n").encode(),
             )

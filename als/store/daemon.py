@@ -22,7 +22,7 @@ from als import __version__
 from als.paths import SOCKET_NAME
 from als.store.config import StoreConfig
 from als.store.control import serve_control
-from als.store.fuse_ops import Operations
+from als.store.fs.operations import Operations
 from als.store.layers import LayerManager, Source
 from als.store.metrics import Metrics
 

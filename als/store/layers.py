@@ -36,7 +36,7 @@ from als.ranges import merge as merge_spans
 from als.registry.types import LayerDescriptor
 from als.store.cache import DiskCache, Ingest, LayerRecord
 from als.store.config import StoreConfig
-from als.store.protocol import LayerInfo
+from als.store.fs.protocol import LayerInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -28,8 +28,8 @@ def modules() -> dict[str, set[str]]:
 
 def test_only_fuse_layer_imports_pyfuse3() -> None:
     users = {m for m, imps in modules().items() if "pyfuse3" in imps}
-    assert users <= {"als/store/fuse_ops.py", "als/store/daemon.py"}, users
-    assert "als/store/fuse_ops.py" in users
+    assert users <= {"als/store/fs/operations.py", "als/store/daemon.py"}, users
+    assert "als/store/fs/operations.py" in users
 
 
 def test_only_registry_imports_requests() -> None:

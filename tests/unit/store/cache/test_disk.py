@@ -1,4 +1,4 @@
-"""Tests for the store's on-disk cache (als.store.cache), on the real filesystem.
+"""Tests for the store's on-disk cache (als.store.cache.disk), on the real filesystem.
 
 Everything runs under pytest's ``tmp_path``; the degraded-mode test mounts a tiny tmpfs so that
 writes really fail with ENOSPC.
@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import json
 import logging
 import os
 import subprocess
 import sys
-import textwrap
 import time
 import types
 from collections.abc import Iterator
@@ -23,44 +20,15 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-import als.store.cache as cache_mod
-from als.store.cache import (
-    DiskCache,
-    LayerRecord,
-)
+import als.store.cache.disk as disk_mod
+import als.store.cache.ingest as ingest_mod
+from als.store.cache import DiskCache
+from tests.unit.store.cache.helpers import dg, make_record, tmp_files
 
 LOGGER = "als.store.cache"
 SETTINGS = settings(
     max_examples=int(os.environ.get("ALS_HYPOTHESIS_EXAMPLES", "150")), deadline=None
 )
-
-
-def dg(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def tmp_files(c: DiskCache) -> list[str]:
-    return sorted(p.name for p in (c.dir / "tmp").iterdir())
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> DiskCache:
-    c = DiskCache(tmp_path / "cache", 0)
-    c.open()
-    return c
-
-
-def make_record(blob: bytes, toc: bytes = b"toc", refs: list[str] | None = None) -> LayerRecord:
-    return LayerRecord(
-        blob_digest=dg(blob),
-        blob_size=len(blob),
-        diff_id=dg(b"diff" + blob),
-        toc_digest=dg(toc),
-        media_type="application/vnd.oci.image.layer.v1.tar+zstd",
-        format="zstd:chunked",
-        annotations={"io.github.containers.zstd-chunked.manifest-position": "1:2:3:1"},
-        refs=list(refs or ["example.com/img:1"]),
-    )
 
 
 def test_bad_digests_are_rejected_by_every_entry_point(cache: DiskCache) -> None:
@@ -198,358 +166,6 @@ def test_write_failing_midway_leaves_no_file(
     assert not cache.has_chunk(d)
     assert cache.total == 0
     assert cache.degraded == os.strerror(errno.ENOSPC)
-
-
-# -- ingest -----------------------------------------------------------------------------------
-
-_TRY_LOCK = textwrap.dedent(
-    """
-    import fcntl, os, sys
-    fd = os.open(sys.argv[1], os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        sys.exit(3)
-    sys.exit(0)
-    """
-)
-
-
-def _other_process_locks(lock: Path) -> bool:
-    r = subprocess.run([sys.executable, "-c", _TRY_LOCK, str(lock)], check=False, timeout=30)
-    assert r.returncode in (0, 3), r
-    return r.returncode == 0
-
-
-def test_ingest_lock_is_exclusive(cache: DiskCache) -> None:
-    blob = os.urandom(100)
-    first = cache.ingest(dg(blob), len(blob))
-    assert not first.owned
-    assert first.acquire()
-    assert first.owned
-    second = cache.ingest(dg(blob), len(blob))
-    assert not second.acquire()
-    assert not second.owned
-    assert not second.write(0, blob[:10])
-    assert not _other_process_locks(first.dir / "lock")
-    first.close()
-    assert not first.owned
-    assert _other_process_locks(first.dir / "lock")
-    assert second.acquire()
-    second.close()
-
-
-def test_ingest_record_is_throttled_and_flushed_at_close(cache: DiskCache) -> None:
-    blob = os.urandom(100)
-    ing = cache.ingest(dg(blob), len(blob))
-    assert ing.acquire()
-    assert ing.write(0, blob[:10])  # the first write records at once
-    assert json.loads(ing.ranges_path.read_bytes()) == [[0, 10]]
-    assert ing.write(50, blob[50:60])  # within a second: recorded later
-    assert json.loads(ing.ranges_path.read_bytes()) == [[0, 10]]
-    ing.close()
-    assert json.loads(ing.ranges_path.read_bytes()) == [[0, 10], [50, 60]]
-
-
-def test_ingest_write_read_missing(cache: DiskCache) -> None:
-    blob = os.urandom(100)
-    ing = cache.ingest(dg(blob), len(blob))
-    assert not ing.write(0, blob[:10])  # not acquired: nothing written
-    assert ing.acquire()
-    assert ing.missing() == [(0, 100)]
-    assert ing.write(10, blob[10:30])
-    assert ing.write(60, blob[60:70])
-    assert ing.ranges == [(10, 30), (60, 70)]
-    assert ing.present() == 30
-    assert ing.missing() == [(0, 10), (30, 60), (70, 100)]
-    assert not ing.complete()
-    assert ing.read(10, 20) == blob[10:30]
-    assert ing.read(15, 5) == blob[15:20]
-    assert ing.read(5, 10) is None  # starts before a recorded range
-    assert ing.read(25, 10) is None  # runs past one
-    assert ing.read(0, 100) is None
-    assert ing.read(40, 5) is None  # hole in the sparse file
-    # out of bounds or empty writes are refused and change nothing
-    assert not ing.write(95, blob[:10])
-    assert not ing.write(-1, b"x")
-    assert not ing.write(0, b"")
-    assert ing.ranges == [(10, 30), (60, 70)]
-    assert ing.write(30, blob[30:60])
-    assert ing.ranges == [(10, 70)]
-    # the record follows at most once a second, or when asked
-    ing.flush()
-    assert json.loads(ing.ranges_path.read_bytes()) == [[10, 70]]
-    assert cache.total == 60
-    # A reader that does not own the download sees the same ranges.
-    reader = cache.ingest(dg(blob), len(blob))
-    reader.reload()
-    assert reader.ranges == [(10, 70)]
-    assert reader.read(20, 30) == blob[20:50]
-    ing.close()
-
-
-def test_ingest_forget_and_restart(cache: DiskCache) -> None:
-    blob = os.urandom(100)
-    ing = cache.ingest(dg(blob), len(blob))
-    assert ing.acquire()
-    assert ing.write(0, blob[:50])
-    assert ing.write(80, blob[80:])
-    ing.forget(10, 20)
-    assert ing.ranges == [(0, 10), (20, 50), (80, 100)]
-    assert ing.read(10, 5) is None
-    assert ing.read(0, 10) == blob[:10]
-    ing.forget(40, 90)
-    assert ing.ranges == [(0, 10), (20, 40), (90, 100)]
-    ing.close()
-    # "restart": a new object over the same directory keeps what was recorded
-    again = cache.ingest(dg(blob), len(blob))
-    assert again.acquire()
-    assert again.ranges == [(0, 10), (20, 40), (90, 100)]
-    assert again.read(20, 20) == blob[20:40]
-    assert again.missing() == [(10, 20), (40, 90)]
-    assert again.write(10, blob[10:20])
-    assert again.write(40, blob[40:90])
-    assert again.complete()
-    assert again.finish(dg(blob))
-
-
-def test_ingest_record_beyond_data_is_trimmed(cache: DiskCache) -> None:
-    blob = os.urandom(100)
-    ing = cache.ingest(dg(blob), len(blob))
-    ing.dir.mkdir(parents=True)
-    ing.data_path.write_bytes(blob[:40])
-    ing.ranges_path.write_text(json.dumps([[0, 100], [150, 300]]))
-    assert ing.acquire()
-    assert ing.ranges == [(0, 40)]
-    assert ing.read(0, 40) == blob[:40]
-    assert ing.read(30, 20) is None
-    ing.close()
-    # and a record beyond the blob's size is trimmed to it
-    big = cache.ingest(dg(blob), 30)
-    big.reload()
-    assert big.ranges == [(0, 30)]
-
-
-@pytest.mark.parametrize("content", [b"not json", b'{"a": 1}', b"[[1, 2, 3]]", b"7", b'[["x", 2]]'])
-def test_corrupt_ranges_record_is_ignored_with_warning(
-    cache: DiskCache, caplog: pytest.LogCaptureFixture, content: bytes
-) -> None:
-    blob = os.urandom(100)
-    ing = cache.ingest(dg(blob), len(blob))
-    ing.dir.mkdir(parents=True)
-    ing.data_path.write_bytes(blob)
-    ing.ranges_path.write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert ing.acquire()
-    assert ing.ranges == []
-    assert ing.read(0, 10) is None
-    assert any(
-        "cache-corrupt" in r.getMessage() and ing.hex in r.getMessage() for r in caplog.records
-    )
-    ing.close()
-
-
-def test_ingest_finish_moves_verified_blob(cache: DiskCache) -> None:
-    blob = os.urandom(10_000)
-    ing = cache.ingest(dg(blob), len(blob))
-    assert ing.acquire()
-    assert not ing.finish(dg(blob))  # incomplete: refused
-    for off in (7000, 0, 3000, 9000, 5000, 1000):  # out of order, overlapping
-        assert ing.write(off, blob[off : off + 2000])
-    assert ing.complete()
-    assert ing.finish(dg(blob))
-    assert (cache.dir / "blobs" / "sha256" / dg(blob)[7:]).read_bytes() == blob
-    assert not ing.dir.exists()
-    assert not ing.owned
-    assert cache.has_blob(dg(blob))
-    assert cache.read_blob(dg(blob), 100, 50) == blob[100:150]
-    assert cache.read_blob(dg(blob), 9990, 50) is None  # short read
-    assert cache.total == len(blob)
-    t = cache.total
-    cache.rescan()
-    assert cache.total == t
-
-
-def test_ingest_finish_with_wrong_byte_discards(
-    cache: DiskCache, caplog: pytest.LogCaptureFixture
-) -> None:
-    blob = os.urandom(5000)
-    ing = cache.ingest(dg(blob), len(blob))
-    assert ing.acquire()
-    bad = bytearray(blob)
-    bad[4321] ^= 0x80
-    assert ing.write(0, bytes(bad))
-    assert ing.complete()
-    with caplog.at_level(logging.ERROR, logger=LOGGER):
-        assert not ing.finish(dg(blob))
-    assert any("cache-corrupt" in r.getMessage() for r in caplog.records)
-    assert not cache.has_blob(dg(blob))
-    assert ing.ranges == []
-    assert ing.missing() == [(0, len(blob))]
-    assert ing.read(0, 10) is None
-    assert ing.owned  # still ours: the download starts over
-    assert cache.total == 0
-    restarted = cache.ingest(dg(blob), len(blob))
-    restarted.reload()
-    assert restarted.ranges == []
-    # starting over with the right bytes succeeds
-    assert ing.write(0, blob)
-    assert ing.finish(dg(blob))
-    assert (cache.blob_file(dg(blob)[7:])).read_bytes() == blob
-
-
-def test_data_without_record_is_not_present(cache: DiskCache) -> None:
-    blob = os.urandom(100)
-    ing = cache.ingest(dg(blob), len(blob))
-    assert ing.acquire()
-    assert ing.write(0, blob[:20])
-    # a crash between writing the data and recording it
-    fd = os.open(ing.data_path, os.O_RDWR)
-    try:
-        os.pwrite(fd, blob[20:100], 20)
-    finally:
-        os.close(fd)
-    ing.close()
-    again = cache.ingest(dg(blob), len(blob))
-    assert again.acquire()
-    assert again.ranges == [(0, 20)]
-    assert again.read(20, 10) is None
-    assert again.missing() == [(20, 100)]
-    assert not again.finish(dg(blob))
-    again.close()
-
-
-# -- layer records ----------------------------------------------------------------------------
-
-
-def test_layer_record_round_trip(cache: DiskCache) -> None:
-    rec = make_record(b"blob one", refs=["a.example/x:1", "b.example/y@sha256:" + "0" * 64])
-    pieces = [(0, b"header"), (1000, os.urandom(300)), (5000, b"")]
-    assert cache.load_layer(rec.blob_digest) is None
-    assert cache.save_layer(rec, pieces)
-    found = cache.load_layer(rec.blob_digest)
-    assert found is not None
-    got, got_pieces = found
-    assert got == rec
-    assert got_pieces == pieces
-    other = make_record(b"blob two")
-    other.diff_id = None
-    assert cache.save_layer(other, [(7, b"x")])
-    assert sorted(r.blob_digest for r in cache.layer_records()) == sorted(
-        [rec.blob_digest, other.blob_digest]
-    )
-    assert {r.blob_digest: r for r in cache.layer_records()}[other.blob_digest] == other
-    # survives a restart
-    again = DiskCache(cache.dir, 0)
-    again.open()
-    assert again.load_layer(other.blob_digest) == (other, [(7, b"x")])
-
-
-def test_layer_records_skips_unreadable(cache: DiskCache) -> None:
-    good = make_record(b"good")
-    assert cache.save_layer(good, [(0, b"t")])
-    (cache.dir / "layers" / ("1" * 64)).mkdir()
-    (cache.dir / "layers" / ("1" * 64) / "layer.json").write_text("{broken")
-    (cache.dir / "layers" / ("2" * 64)).mkdir()  # no record at all
-    bad_digest = make_record(b"bad").to_json()
-    bad_digest["toc_digest"] = "sha256:nope"
-    (cache.dir / "layers" / ("3" * 64)).mkdir()
-    (cache.dir / "layers" / ("3" * 64) / "layer.json").write_text(json.dumps(bad_digest))
-    assert [r.blob_digest for r in cache.layer_records()] == [good.blob_digest]
-
-
-@pytest.mark.parametrize("damage", ["truncate", "no-newline", "bad-head", "negative"])
-def test_damaged_toc_is_rejected(
-    cache: DiskCache, caplog: pytest.LogCaptureFixture, damage: str
-) -> None:
-    rec = make_record(b"blob")
-    assert cache.save_layer(rec, [(0, b"abcdef"), (100, b"ghijkl")])
-    toc = cache.dir / "layers" / rec.blob_digest[7:] / "toc"
-    raw = toc.read_bytes()
-    if damage == "truncate":
-        toc.write_bytes(raw[:-1])
-    elif damage == "no-newline":
-        toc.write_bytes(raw.replace(b"\n", b" "))
-    elif damage == "bad-head":
-        toc.write_bytes(b"[[0, 6], [100]]\nabcdefghijkl")
-    else:
-        toc.write_bytes(b"[[0, -1]]\n")
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert cache.load_layer(rec.blob_digest) is None
-    assert any(
-        "cache-corrupt" in r.getMessage() and rec.blob_digest[7:] in r.getMessage()
-        for r in caplog.records
-    )
-
-
-def test_record_naming_another_digest_is_rejected(
-    cache: DiskCache, caplog: pytest.LogCaptureFixture
-) -> None:
-    a, b = make_record(b"layer a"), make_record(b"layer b")
-    assert cache.save_layer(b, [(0, b"toc")])
-    src = cache.dir / "layers" / b.blob_digest[7:]
-    dst = cache.dir / "layers" / a.blob_digest[7:]
-    dst.mkdir()
-    for name in ("layer.json", "toc"):
-        (dst / name).write_bytes((src / name).read_bytes())
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert cache.load_layer(a.blob_digest) is None
-    assert any(
-        "cache-corrupt" in r.getMessage() and b.blob_digest in r.getMessage()
-        for r in caplog.records
-    )
-    assert cache.load_layer(b.blob_digest) is not None
-
-
-def test_record_without_toc_is_absent(cache: DiskCache) -> None:
-    rec = make_record(b"blob")
-    assert cache.save_layer(rec, None)
-    assert cache.load_layer(rec.blob_digest) is None
-    assert [r.blob_digest for r in cache.layer_records()] == [rec.blob_digest]
-
-
-def test_saving_a_record_again_keeps_accounting_exact(cache: DiskCache) -> None:
-    rec = make_record(b"blob")
-    assert cache.save_layer(rec, [(0, b"x" * 1000)])
-    for i in range(5):
-        rec.refs.append(f"example.com/img:{i}")
-        assert cache.save_layer(rec, None)
-        assert cache.save_profile(rec.blob_digest, [f"file{j}" for j in range(i)])
-    assert cache.save_layer(rec, [(0, b"y" * 10)])
-    counted = cache.total
-    cache.rescan()
-    assert cache.total == counted
-    found = cache.load_layer(rec.blob_digest)
-    assert found is not None
-    assert found[0].refs == rec.refs
-
-
-def test_profile_round_trip(cache: DiskCache, caplog: pytest.LogCaptureFixture) -> None:
-    d = dg(b"blob")
-    assert cache.load_profile(d) == []
-    files = ["usr/bin/sh", "etc/passwd", "é/ü"]
-    assert cache.save_profile(d, files)
-    assert cache.load_profile(d) == files
-    path = cache.dir / "layers" / d[7:] / "profile.json"
-    path.write_text(json.dumps({"files": ["a", 3, None, "b"]}))
-    assert cache.load_profile(d) == ["a", "b"]
-    path.write_text("{")
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert cache.load_profile(d) == []
-    assert any("cache-corrupt" in r.getMessage() for r in caplog.records)
-
-
-def test_uses_round_trip(cache: DiskCache, caplog: pytest.LogCaptureFixture) -> None:
-    assert cache.load_uses() == {}
-    uses = {("a.example/x:1", dg(b"1")): 2, ("b.example/y:2", dg(b"2")): 1, ("z", dg(b"3")): 0}
-    assert cache.save_uses(uses)
-    assert cache.load_uses() == {k: n for k, n in uses.items() if n > 0}
-    for bad in ("{", '{"a": 1}', "[[1, 2]]", '[["r", "d", "x"]]', "3"):
-        (cache.dir / "uses.json").write_text(bad)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger=LOGGER):
-            assert cache.load_uses() == {}
-        assert any("cache-corrupt uses.json" in r.getMessage() for r in caplog.records), bad
 
 
 # -- eviction ---------------------------------------------------------------------------------
@@ -822,8 +438,9 @@ def test_degraded_mode_on_a_full_disk(
 ) -> None:
     clock = _Clock()
     fake_time = types.SimpleNamespace(time=time.time, monotonic=clock.monotonic)
-    monkeypatch.setattr(cache_mod, "time", fake_time)
-    monkeypatch.setattr(cache_mod, "_RETRY_DEGRADED", 30.0)
+    monkeypatch.setattr(disk_mod, "time", fake_time)
+    monkeypatch.setattr(ingest_mod, "time", fake_time)
+    monkeypatch.setattr(disk_mod, "_RETRY_DEGRADED", 30.0)
     c = DiskCache(small_dir / "cache", 0)
     c.open()
     blob = os.urandom(8192)

@@ -1,6 +1,6 @@
 """The store's namespace as plain objects: store-level nodes and layer tree inodes.
 
-No pyfuse3 here: :mod:`als.store.fuse_ops` turns these into FUSE replies. Inode numbers below
+No pyfuse3 here: :mod:`als.store.fs.operations` turns these into FUSE replies. Inode numbers below
 2**32 are store-level nodes (allocated); inodes above are computed from a layer *instance*
 number and an index entry id: ``(instance << 32) | (entry_id + 1)``, so a layer's tree needs
 no per-inode state.
@@ -8,6 +8,7 @@ no per-inode state.
 
 from __future__ import annotations
 
+import enum
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,12 +26,27 @@ ROOT_INODE = 1
 INSTANCE_SHIFT = 32
 
 
+class NodeKind(enum.StrEnum):
+    """What a store node is, by the path that leads to it."""
+
+    ROOT = "root"  # the pool directory
+    REF = "ref"  # protocol 2: <base64(image ref)>
+    ANN = "ann"  # protocol 1: <base64(key=value)>, nested; rootfs.<id> below shows the layer
+    LAYERDIR = "layerdir"  # protocol 2: <ref>/<digest>, holding diff, info and blob
+    INFO = "info"  # <ref>/<digest>/info, the containers/storage Layer JSON
+    BLOB = "blob"  # <ref>/<digest>/blob, the compressed layer blob
+
+    @property
+    def is_file(self) -> bool:
+        return self in (NodeKind.INFO, NodeKind.BLOB)
+
+
 @dataclass(eq=False)
 class StoreNode:
     """A node outside any layer tree: root, reference, annotation, layer dir, info, blob."""
 
     inode: int
-    kind: str  # "root", "ref", "ann", "layerdir", "info", "blob"
+    kind: NodeKind
     parent: int
     name: bytes
     ref: str = ""
@@ -58,6 +74,11 @@ class Instance:
     @property
     def root_inode(self) -> int:
         return self.inode(0)
+
+
+def is_layer_inode(inode: int) -> bool:
+    """Whether ``inode`` is in a layer tree (above 2**32) rather than a store node."""
+    return inode >> INSTANCE_SHIFT != 0
 
 
 def split_inode(inode: int) -> tuple[int, int]:
@@ -114,7 +135,7 @@ class Namespace:
 
     def __init__(self) -> None:
         self.nodes: dict[int, StoreNode] = {
-            ROOT_INODE: StoreNode(inode=ROOT_INODE, kind="root", parent=ROOT_INODE, name=b"")
+            ROOT_INODE: StoreNode(inode=ROOT_INODE, kind=NodeKind.ROOT, parent=ROOT_INODE, name=b"")
         }
         self.nodes[ROOT_INODE].lookups = 1 << 62  # never forgotten
         self.instances: dict[int, Instance] = {}
@@ -122,11 +143,30 @@ class Namespace:
         self._next_instance = itertools.count(1)
         self.listings: OrderedDict[tuple[int, int], Listing] = OrderedDict()
 
-    def add_node(self, parent: StoreNode, name: bytes, **kw: object) -> StoreNode:
+    def add_node(
+        self,
+        parent: StoreNode,
+        name: bytes,
+        kind: NodeKind,
+        *,
+        ref: str = "",
+        digest: str = "",
+        annotations: tuple[tuple[str, str], ...] = (),
+        layer: Layer | None = None,
+    ) -> StoreNode:
         inode = next(self._next_inode)
         if inode >= 1 << INSTANCE_SHIFT:  # pragma: no cover - 4 billion store nodes
             raise OverflowError("store inode space exhausted")
-        node = StoreNode(inode=inode, parent=parent.inode, name=name, **kw)  # type: ignore[arg-type]
+        node = StoreNode(
+            inode=inode,
+            kind=kind,
+            parent=parent.inode,
+            name=name,
+            ref=ref,
+            digest=digest,
+            annotations=annotations,
+            layer=layer,
+        )
         self.nodes[inode] = node
         parent.children[name] = inode
         return node
@@ -150,18 +190,26 @@ class Namespace:
         return lst
 
     def forget(self, inode: int, n: int) -> None:
-        if inode >> INSTANCE_SHIFT:
+        if is_layer_inode(inode):
             inst = self.instances.get(inode >> INSTANCE_SHIFT)
             if inst is not None:
                 inst.lookups -= n
                 self._maybe_drop_instance(inst)
             return
         node = self.nodes.get(inode)
-        if node is None or node.kind == "root":
+        if node is None or node.kind == NodeKind.ROOT:
             return
         node.lookups -= n
         if node.lookups <= 0:
             self.drop_node(node)
+
+    def names_of(self, node: StoreNode) -> list[str]:
+        """The path segments from the pool directory down to ``node``."""
+        parts: list[str] = []
+        while node.kind != NodeKind.ROOT:
+            parts.append(node.name.decode("ascii"))
+            node = self.nodes[node.parent]
+        return parts[::-1]
 
     def drop_node(self, node: StoreNode) -> None:
         self.nodes.pop(node.inode, None)

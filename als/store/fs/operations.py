@@ -1,21 +1,21 @@
-"""The pyfuse3 Operations: a thin translation layer over :mod:`als.store.nodes` and layers.
+"""The pyfuse3 Operations: a thin translation layer over :mod:`als.store.fs.namespace` and layers.
 
-This and :mod:`als.store.daemon` are the only modules that import pyfuse3. Every handler goes
-through :func:`_guard`, the single error boundary: pyfuse3 only catches ``FUSEError``, and any
-other exception would end the daemon and leave a dead mount under every running container.
+This and :mod:`als.store.daemon` are the only modules that import pyfuse3. Every handler that
+does any work goes through :func:`_guard`, the single error boundary: pyfuse3 only catches
+``FUSEError``, and any other exception would end the daemon and leave a dead mount under every
+running container. (The handlers that only refuse a change are :func:`_read_only`, which raises
+nothing else.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -26,17 +26,18 @@ from als.errors import AlsError
 from als.formats import EntryType
 from als.overlay import OPAQUE_XATTRS
 from als.store.config import StoreConfig
-from als.store.layers import LayerManager
-from als.store.nodes import (
-    INSTANCE_SHIFT,
+from als.store.fs.layerlink import link_layer_id
+from als.store.fs.namespace import (
     Instance,
     Namespace,
+    NodeKind,
     StoreNode,
+    is_layer_inode,
     is_whiteout_entry,
     resolve_child,
     split_inode,
 )
-from als.store.protocol import (
+from als.store.fs.protocol import (
     ANN_LAYER_DIGEST,
     ANN_REFERENCE,
     info_json,
@@ -44,6 +45,7 @@ from als.store.protocol import (
     parse_ref_segment,
     parse_rootfs_name,
 )
+from als.store.layers import LayerManager
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,11 @@ def _guard(
     return wrapper
 
 
+async def _read_only(self: pyfuse3.Operations, /, *args: Any, **kwargs: Any) -> NoReturn:
+    """Refuse a change to the filesystem: EROFS."""
+    raise FUSEError(errno.EROFS)
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -111,10 +118,10 @@ class Operations(pyfuse3.Operations):
         a.st_ino = InodeT(node.inode)
         a.entry_timeout = self.cfg.store_ttl
         a.attr_timeout = self.cfg.store_ttl
-        if node.kind in ("info", "blob"):
+        if node.kind.is_file:
             a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
-            if node.kind == "info":
+            if node.kind == NodeKind.INFO:
                 assert node.layer is not None
                 a.st_size = len(info_json(node.layer.info, node.digest))
             else:
@@ -172,7 +179,7 @@ class Operations(pyfuse3.Operations):
         return node
 
     def _attr(self, inode: int) -> EntryAttributes:
-        if inode >> INSTANCE_SHIFT:
+        if is_layer_inode(inode):
             inst, entry_id = self._instance(inode)
             # Layer entries never change: their attributes are built once (checked against the
             # instance, whose number a later instance may reuse).
@@ -195,8 +202,8 @@ class Operations(pyfuse3.Operations):
     def _counted(self, attr: EntryAttributes) -> EntryAttributes:
         """Count one kernel lookup of the returned inode."""
         inode = int(attr.st_ino)
-        if inode >> INSTANCE_SHIFT:
-            self.ns.instances[inode >> INSTANCE_SHIFT].lookups += 1
+        if is_layer_inode(inode):
+            self.ns.instances[split_inode(inode)[0]].lookups += 1
         else:
             self.ns.nodes[inode].lookups += 1
         return attr
@@ -207,7 +214,7 @@ class Operations(pyfuse3.Operations):
     ) -> EntryAttributes:
         if name == b".":
             return self._counted(self._attr(parent_inode))
-        if parent_inode >> INSTANCE_SHIFT:
+        if is_layer_inode(parent_inode):
             inst, dir_id = self._instance(parent_inode)
             index = inst.layer.index
             if name == b"..":
@@ -234,26 +241,26 @@ class Operations(pyfuse3.Operations):
 
     async def _lookup_new(self, parent: StoreNode, name: bytes) -> EntryAttributes:
         ns = self.ns
-        if parent.kind == "root":
+        if parent.kind == NodeKind.ROOT:
             ref = parse_ref_segment(name)
             if ref is not None:
-                return self._store_attr(ns.add_node(parent, name, kind="ref", ref=ref))
+                return self._store_attr(ns.add_node(parent, name, NodeKind.REF, ref=ref))
             ann = parse_annotation_segment(name)
             if ann is not None:
-                node = ns.add_node(parent, name, kind="ann", annotations=(ann,))
+                node = ns.add_node(parent, name, NodeKind.ANN, annotations=(ann,))
                 return self._store_attr(node)
             raise FUSEError(errno.ENOENT)
-        if parent.kind == "ref":
+        if parent.kind == NodeKind.REF:
             digest = name.decode("ascii", "replace")
             if not is_digest(digest):
                 raise FUSEError(errno.ENOENT)
             layer = await self.manager.lookup(parent.ref, digest)
             node = ns.add_node(
-                parent, name, kind="layerdir", ref=parent.ref, digest=digest, layer=layer
+                parent, name, NodeKind.LAYERDIR, ref=parent.ref, digest=digest, layer=layer
             )
             node.instances[b"diff"] = ns.new_instance(layer, node.inode)
             return self._store_attr(node)
-        if parent.kind == "layerdir":
+        if parent.kind == NodeKind.LAYERDIR:
             assert parent.layer is not None
             if name == b"diff":
                 inst = parent.instances.get(b"diff")
@@ -262,25 +269,24 @@ class Operations(pyfuse3.Operations):
                     parent.instances[b"diff"] = inst
                 return self._layer_attr(inst, 0)
             if name in (b"info", b"blob"):
-                kind = name.decode()
                 node = ns.add_node(
                     parent,
                     name,
-                    kind=kind,
+                    NodeKind(name.decode()),
                     ref=parent.ref,
                     digest=parent.digest,
                     layer=parent.layer,
                 )
                 return self._store_attr(node)
             raise FUSEError(errno.ENOENT)  # includes "use": it never exists
-        if parent.kind == "ann":
+        if parent.kind == NodeKind.ANN:
             layer_id = parse_rootfs_name(name)
             if layer_id is not None:
                 return await self._lookup_rootfs(parent, name, layer_id)
             ann = parse_annotation_segment(name)
             if ann is not None:
                 anns = (*(a for a in parent.annotations if a[0] != ann[0]), ann)
-                return self._store_attr(ns.add_node(parent, name, kind="ann", annotations=anns))
+                return self._store_attr(ns.add_node(parent, name, NodeKind.ANN, annotations=anns))
         raise FUSEError(errno.ENOENT)
 
     async def _lookup_rootfs(
@@ -296,37 +302,9 @@ class Operations(pyfuse3.Operations):
         if inst is None or inst.number not in self.ns.instances:
             inst = self.ns.new_instance(layer, parent.inode)
             parent.instances[name] = inst
-        await trio.to_thread.run_sync(
-            self._link_layer_id, layer_id, self._path_of(parent) / name.decode()
-        )
+        target = self.cfg.pool.joinpath(*self.ns.names_of(parent), name.decode())
+        await trio.to_thread.run_sync(link_layer_id, self.cfg.root, layer_id, target)
         return self._layer_attr(inst, 0)
-
-    def _path_of(self, node: StoreNode) -> Path:
-        parts: list[str] = []
-        while node.kind != "root":
-            parts.append(node.name.decode("ascii"))
-            node = self.ns.nodes[node.parent]
-        return self.cfg.pool.joinpath(*reversed(parts))
-
-    def _link_layer_id(self, layer_id: str, target: Path) -> None:
-        """Protocol 1: ``ROOT/<layer ID>`` -> the unpacked layer, replaced atomically."""
-        link = self.cfg.root / layer_id
-        try:
-            if os.readlink(link) == str(target):
-                return
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:  # exists and is not a symlink: leave it alone
-                log.warning("not replacing %s: it exists and is not a symlink", link)
-                return
-            raise
-        tmp = self.cfg.root / f".{layer_id}.tmp{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        os.symlink(target, tmp)
-        os.replace(tmp, link)
-        log.info("layer-link id=%s target=%s", layer_id, target)
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         # forget must never raise (not even FUSEError).
@@ -346,11 +324,11 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
-        if inode >> INSTANCE_SHIFT:
+        if is_layer_inode(inode):
             inst, dir_id = self._instance(inode)
             if inst.layer.index.entry(dir_id).type != EntryType.DIR:
                 raise FUSEError(errno.ENOTDIR)
-        elif self._node(inode).kind in ("info", "blob"):
+        elif self._node(inode).kind.is_file:
             raise FUSEError(errno.ENOTDIR)
         return FileHandleT(inode)
 
@@ -387,12 +365,12 @@ class Operations(pyfuse3.Operations):
         (the kernel needs them before the layer below is asked for); listings show only those
         with a resolved layer below them, so names that lead nowhere never appear in the pool.
         """
-        if inode >> INSTANCE_SHIFT:
+        if is_layer_inode(inode):
             return True
         stack = [self.ns.nodes[inode]]
         while stack:
             node = stack.pop()
-            if node.kind not in ("ref", "ann"):
+            if node.kind not in (NodeKind.REF, NodeKind.ANN):
                 return True
             if any(inst.number in self.ns.instances for inst in node.instances.values()):
                 return True
@@ -402,7 +380,7 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         inode = int(fh)
-        if inode >> INSTANCE_SHIFT:
+        if is_layer_inode(inode):
             inst, dir_id = self._instance(inode)
             entries = self._layer_entries(inst, dir_id, start_id)
         else:
@@ -423,7 +401,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
         if flags & _WRITE_FLAGS:
             raise FUSEError(errno.EROFS)
-        if inode >> INSTANCE_SHIFT:
+        if is_layer_inode(inode):
             inst, entry_id = self._instance(inode)
             e = inst.layer.index.entry(entry_id)
             if e.type == EntryType.DIR:
@@ -434,14 +412,14 @@ class Operations(pyfuse3.Operations):
             # The file handle is the inode: reads need no per-open state.
             return FileInfo(fh=FileHandleT(inode), keep_cache=True)
         node = self._node(inode)
-        if node.kind not in ("info", "blob"):
+        if not node.kind.is_file:
             raise FUSEError(errno.EISDIR)
-        return FileInfo(fh=FileHandleT(inode), keep_cache=node.kind == "blob")
+        return FileInfo(fh=FileHandleT(inode), keep_cache=node.kind == NodeKind.BLOB)
 
     @_guard
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         inode = int(fh)
-        if inode >> INSTANCE_SHIFT:
+        if is_layer_inode(inode):
             inst, entry_id = self._instance(inode)
             start = time.monotonic()
             data = await inst.layer.read(entry_id, off, size)
@@ -451,7 +429,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         layer = node.layer
         assert layer is not None
-        if node.kind == "info":
+        if node.kind == NodeKind.INFO:
             return info_json(layer.info, node.digest)[off : off + size]
         return await layer.read_blob(off, size)
 
@@ -461,7 +439,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> bytes:
-        if not inode >> INSTANCE_SHIFT:
+        if not is_layer_inode(inode):
             raise FUSEError(errno.EINVAL)
         inst, entry_id = self._instance(inode)
         e = inst.layer.index.entry(entry_id)
@@ -472,7 +450,7 @@ class Operations(pyfuse3.Operations):
     # -- xattrs ---------------------------------------------------------------------------------
 
     def _xattrs(self, inode: int) -> dict[bytes, bytes]:
-        if not inode >> INSTANCE_SHIFT:
+        if not is_layer_inode(inode):
             self._node(inode)
             return {}
         inst, entry_id = self._instance(inode)
@@ -516,22 +494,26 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[FileInfo, EntryAttributes]:
-        if not parent_inode >> INSTANCE_SHIFT:
+        if not is_layer_inode(parent_inode):
             node = self._node(parent_inode)
-            if node.kind == "layerdir" and name == b"use":
+            if node.kind == NodeKind.LAYERDIR and name == b"use":
                 self.manager.use(node.ref, node.digest)
                 raise FUSEError(errno.ENOENT)  # what a notification-aware store answers
         raise FUSEError(errno.EROFS)
 
     @_guard
     async def rmdir(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if not parent_inode >> INSTANCE_SHIFT:
+        if not is_layer_inode(parent_inode):
             parent = self._node(parent_inode)
             child = self.ns.nodes.get(parent.children.get(name, 0))
-            if parent.kind == "ref" and child is not None and child.kind == "layerdir":
+            if (
+                parent.kind == NodeKind.REF
+                and child is not None
+                and child.kind == NodeKind.LAYERDIR
+            ):
                 self.manager.release(child.ref, child.digest)
                 raise FUSEError(errno.ENOENT)
-            if parent.kind == "ref" and is_digest(name.decode("ascii", "replace")):
+            if parent.kind == NodeKind.REF and is_digest(name.decode("ascii", "replace")):
                 # Released by a podman that looked the layer up before a restart of the store.
                 self.manager.release(parent.ref, name.decode())
                 raise FUSEError(errno.ENOENT)
@@ -549,56 +531,7 @@ class Operations(pyfuse3.Operations):
         self._attr(inode)
         raise FUSEError(errno.EROFS)
 
-    @_guard
-    async def mkdir(
-        self, parent_inode: InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
-    ) -> EntryAttributes:
-        raise FUSEError(errno.EROFS)
-
-    @_guard
-    async def mknod(
-        self, parent_inode: InodeT, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
-    ) -> EntryAttributes:
-        raise FUSEError(errno.EROFS)
-
-    @_guard
-    async def unlink(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise FUSEError(errno.EROFS)
-
-    @_guard
-    async def symlink(
-        self, parent_inode: InodeT, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
-    ) -> EntryAttributes:
-        raise FUSEError(errno.EROFS)
-
-    @_guard
-    async def rename(
-        self,
-        parent_inode_old: InodeT,
-        name_old: bytes,
-        parent_inode_new: InodeT,
-        name_new: bytes,
-        flags: int,
-        ctx: pyfuse3.RequestContext,
-    ) -> None:
-        raise FUSEError(errno.EROFS)
-
-    @_guard
-    async def link(
-        self, inode: InodeT, new_parent_inode: InodeT, new_name: bytes, ctx: pyfuse3.RequestContext
-    ) -> EntryAttributes:
-        raise FUSEError(errno.EROFS)
-
-    @_guard
-    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        raise FUSEError(errno.EROFS)
-
-    @_guard
-    async def setxattr(
-        self, inode: InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
-    ) -> None:
-        raise FUSEError(errno.EROFS)
-
-    @_guard
-    async def removexattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise FUSEError(errno.EROFS)
+    # Every other change: a read-only store refuses it. One handler serves them all (it only
+    # raises FUSEError, which _guard would pass through unchanged), and mypy checks it against
+    # each pyfuse3.Operations signature it overrides.
+    mkdir = mknod = unlink = symlink = rename = link = write = setxattr = removexattr = _read_only

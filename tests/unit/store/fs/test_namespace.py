@@ -5,15 +5,15 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, cast
 
-from als.store.nodes import ROOT_INODE, Namespace, split_inode
+from als.store.fs.namespace import ROOT_INODE, Namespace, NodeKind, split_inode
 
 
 def test_forget_releases_nodes_and_instances() -> None:
     ns = Namespace()
     root = ns.nodes[ROOT_INODE]
     layer = cast(Any, SimpleNamespace(instances=0))
-    ref = ns.add_node(root, b"cmVm", kind="ref", ref="ref")
-    ldir = ns.add_node(ref, b"sha256:x", kind="layerdir", ref="ref", digest="d", layer=layer)
+    ref = ns.add_node(root, b"cmVm", NodeKind.REF, ref="ref")
+    ldir = ns.add_node(ref, b"sha256:x", NodeKind.LAYERDIR, ref="ref", digest="d", layer=layer)
     inst = ns.new_instance(layer, ldir.inode)
     ldir.instances[b"diff"] = inst
     assert layer.instances == 1

@@ -1,24 +1,11 @@
-"""The on-disk cache: content-addressed, shared safely between processes, bounded in size.
+"""DiskCache: the cache directory's units, their accounting, LRU eviction and degraded mode.
 
-Layout under the cache directory (see docs/cache.md)::
+Every file is written under ``tmp/`` and renamed into place (:func:`als.fsutil.write_atomic`).
+A write that fails (a full or read-only disk) puts the cache in degraded mode: it stops writing
+for a while and the store fetches without caching. Chunks are hashed on every read.
 
-    blobs/sha256/<hex>          complete compressed blobs, verified against their digest
-    ingest/<hex>/data           a blob being downloaded (sparse), plus
-    ingest/<hex>/ranges         the byte ranges of ``data`` that were written (JSON)
-    ingest/<hex>/lock           flock held by the one process that writes this download
-    chunks/sha256/<ab>/<hex>    decompressed file chunks, named by their chunk digest
-    layers/<hex>/layer.json     what a lookup resolved: digests, DiffID, size, references
-    layers/<hex>/toc            the blob bytes the TOC was read from (to rebuild the index)
-    layers/<hex>/profile.json   the files readers opened first (learned prefetch)
-    uses.json                   podman's use counts, per (reference, digest)
-    tmp/                        files being written; renamed into place when complete
-
-Every file is written under ``tmp/`` and renamed into place, so no reader ever sees a partial
-file. Nothing read back is trusted: chunks are hashed on every read, partial downloads are
-verified chunk by chunk when decoded and as a whole before they move to ``blobs/``, and the
-TOC is verified against its digest whenever the index is rebuilt.
-
-Everything here is blocking; the store calls it from worker threads behind its ``disk`` limiter.
+Partial downloads are :mod:`~als.store.cache.ingest`; the file formats of layer records, TOC
+pieces, profiles and use counts are :mod:`~als.store.cache.records`.
 """
 
 from __future__ import annotations
@@ -27,26 +14,35 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from als.digest import hex_of
-from als.ranges import covers, merge, subtract
+from als.fsutil import remove_dir, write_atomic
+from als.store.cache.ingest import Ingest
+from als.store.cache.records import (
+    LayerRecord,
+    TocPieces,
+    UseCounts,
+    encode_profile,
+    encode_uses,
+    pack_toc,
+    read_profile,
+    read_uses,
+    unpack_toc,
+)
 
 log = logging.getLogger(__name__)
 
 _TOUCH_EVERY = 60.0  # seconds between mtime updates that persist a unit's recency
 _RETRY_DEGRADED = 30.0  # seconds before writes are tried again after a failure
 _LOW_WATER = 0.9  # eviction frees down to this fraction of the limit
-_RECORD_EVERY = 1.0  # seconds between rewrites of a download's ranges record
-_RECORD_NOW = 256 * 1024  # a write at least this large is recorded at once
 
 
 @dataclass
@@ -65,249 +61,6 @@ class EvictReport:
     removed: int = 0
     protected_removed: int = 0
     remaining: int = 0
-
-
-@dataclass
-class LayerRecord:
-    """What a lookup resolved, persisted so a restart needs no registry and no tag."""
-
-    blob_digest: str
-    blob_size: int
-    diff_id: str | None
-    toc_digest: str
-    media_type: str
-    format: str
-    annotations: dict[str, str]
-    refs: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "blob_digest": self.blob_digest,
-            "blob_size": self.blob_size,
-            "diff_id": self.diff_id,
-            "toc_digest": self.toc_digest,
-            "media_type": self.media_type,
-            "format": self.format,
-            "annotations": self.annotations,
-            "refs": self.refs,
-        }
-
-    @classmethod
-    def from_json(cls, d: Any) -> LayerRecord:
-        if not isinstance(d, dict):
-            raise ValueError("layer record is not an object")
-        rec = cls(
-            blob_digest=str(d["blob_digest"]),
-            blob_size=int(d["blob_size"]),
-            diff_id=str(d["diff_id"]) if d.get("diff_id") else None,
-            toc_digest=str(d["toc_digest"]),
-            media_type=str(d.get("media_type", "")),
-            format=str(d.get("format", "")),
-            annotations={str(k): str(v) for k, v in dict(d.get("annotations", {})).items()},
-            refs=[str(r) for r in d.get("refs", [])],
-        )
-        hex_of(rec.blob_digest)
-        hex_of(rec.toc_digest)
-        if rec.blob_size < 0:
-            raise ValueError("negative blob size")
-        return rec
-
-
-class Ingest:
-    """One partial download: a sparse data file and the record of which ranges it holds.
-
-    Only the process holding the download's lock writes to it; others may read the ranges
-    the record lists. Data is written before the record names it, so a crash leaves at worst
-    bytes that no record claims.
-    """
-
-    def __init__(self, cache: DiskCache, hexd: str, size: int) -> None:
-        self.cache = cache
-        self.hex = hexd
-        self.size = size
-        self.dir = cache.dir / "ingest" / hexd
-        self.data_path = self.dir / "data"
-        self.ranges_path = self.dir / "ranges"
-        self.ranges: list[tuple[int, int]] = []
-        self._lock_fd: int | None = None
-        self._data_fd: int | None = None
-        self._mutex = threading.Lock()
-        self._dirty = False
-        self._saved_at = 0.0
-
-    @property
-    def owned(self) -> bool:
-        return self._lock_fd is not None
-
-    def acquire(self) -> bool:
-        """Take the write lock; False if another process is downloading this blob."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._lock_fd = fd
-        self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.reload()
-        self.cache.open_ingests[self.hex] = self
-        return True
-
-    def reload(self) -> None:
-        try:
-            raw = json.loads(self.ranges_path.read_bytes())
-            ranges = [(int(s), int(e)) for s, e in raw]
-        except FileNotFoundError:
-            ranges = []
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("cache-corrupt ingest=%s: unreadable ranges record (%s)", self.hex, exc)
-            ranges = []
-        try:
-            have = os.stat(self.data_path).st_size
-        except FileNotFoundError:
-            have = 0
-        # Never trust a record beyond what the data file holds, or beyond the blob.
-        limit = min(have, self.size)
-        self.ranges = merge((s, min(e, limit)) for s, e in ranges if 0 <= s < limit)
-
-    def present(self) -> int:
-        return sum(e - s for s, e in self.ranges)
-
-    def missing(self) -> list[tuple[int, int]]:
-        return subtract((0, self.size), self.ranges)
-
-    def complete(self) -> bool:
-        return not self.missing()
-
-    def write(self, offset: int, data: bytes) -> bool:
-        """Store ``data`` at ``offset``; False (and nothing recorded) if it could not be written."""
-        if self._data_fd is None or not data or offset < 0 or offset + len(data) > self.size:
-            return False
-        if not self.cache.writable():
-            return False
-        with self._mutex:
-            try:
-                os.pwrite(self._data_fd, data, offset)
-            except OSError as exc:
-                self.cache.write_failed(exc)
-                return False
-            new = merge([*self.ranges, (offset, offset + len(data))])
-            grown = sum(e - s for s, e in new) - self.present()
-            self.ranges = new
-            # The record follows the data: at once for large writes (background pieces), at
-            # most once a second for small ones (and at close). After a crash it may name less
-            # than the file holds, never more.
-            self._dirty = True
-            if len(data) >= _RECORD_NOW or time.monotonic() - self._saved_at >= _RECORD_EVERY:
-                self._save_record()
-        self.cache.account(f"ingest/{self.hex}", grown, self.hex)
-        return True
-
-    def _save_record(self) -> None:
-        try:
-            self.cache.write_atomic(self.ranges_path, json.dumps(self.ranges).encode())
-        except OSError as exc:
-            self.cache.write_failed(exc)
-            return
-        self._dirty = False
-        self._saved_at = time.monotonic()
-
-    def flush(self) -> None:
-        """Write the ranges record if it is behind."""
-        with self._mutex:
-            if self._dirty and self._data_fd is not None:
-                self._save_record()
-
-    def read(self, offset: int, length: int) -> bytes | None:
-        """Bytes the record lists as present, or None."""
-        if not covers(self.ranges, offset, offset + length):
-            return None
-        try:
-            with open(self.data_path, "rb") as f:
-                data = os.pread(f.fileno(), length, offset)
-        except OSError:
-            return None
-        return data if len(data) == length else None
-
-    def forget(self, offset: int, end: int) -> None:
-        """Drop [offset, end) from the record: those bytes proved wrong."""
-        with self._mutex:
-            kept: list[tuple[int, int]] = []
-            for s, e in self.ranges:
-                if e <= offset or s >= end:
-                    kept.append((s, e))
-                else:
-                    if s < offset:
-                        kept.append((s, offset))
-                    if e > end:
-                        kept.append((end, e))
-            self.ranges = kept
-            if self.owned:
-                with contextlib.suppress(OSError):
-                    self.cache.write_atomic(self.ranges_path, json.dumps(kept).encode())
-
-    def finish(self, digest: str) -> bool:
-        """Verify the complete download against ``digest`` and move it to ``blobs/``.
-
-        False if it does not match: the download is then discarded and starts over.
-        """
-        if self._data_fd is None or not self.complete():
-            return False
-        h = hashlib.sha256()
-        pos = 0
-        while pos < self.size:
-            piece = os.pread(self._data_fd, min(4 << 20, self.size - pos), pos)
-            if not piece:
-                break
-            h.update(piece)
-            pos += len(piece)
-        if pos != self.size or "sha256:" + h.hexdigest() != digest:
-            log.error(
-                "cache-corrupt ingest=%s: the downloaded blob does not match its digest; "
-                "discarding it",
-                self.hex,
-            )
-            self.discard()
-            return False
-        os.ftruncate(self._data_fd, self.size)
-        dest = self.cache.blob_file(self.hex)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.data_path, dest)
-        self.cache.moved_to_blobs(self.hex, self.size)
-        self.close(remove=True)
-        return True
-
-    def discard(self) -> None:
-        with self._mutex:
-            self.ranges = []
-            if self._data_fd is not None:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._data_fd, 0)
-            with contextlib.suppress(OSError):
-                os.unlink(self.ranges_path)
-        self.cache.forget_unit(f"ingest/{self.hex}")
-
-    def close(self, *, remove: bool = False) -> None:
-        if not remove:
-            self.flush()
-        if self.cache.open_ingests.get(self.hex) is self:
-            del self.cache.open_ingests[self.hex]
-        for name in ("_data_fd", "_lock_fd"):
-            fd = getattr(self, name)
-            if fd is not None:
-                if remove and name == "_lock_fd":
-                    _remove_tree(self.dir)
-                os.close(fd)
-                setattr(self, name, None)
-
-
-def _remove_tree(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        for child in path.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                child.unlink()
-        path.rmdir()
 
 
 class DiskCache:
@@ -437,21 +190,7 @@ class DiskCache:
 
     def write_atomic(self, dest: Path, data: bytes) -> None:
         """Write ``dest`` through a temporary file and a rename. Raises OSError."""
-        tmp = self._tmp()
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-            finally:
-                os.close(fd)
-            os.replace(tmp, dest)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(dest, data, tmp=self._tmp())
         self._write_ok()
 
     def _try_write(self, dest: Path, data: bytes) -> bool:
@@ -550,17 +289,17 @@ class DiskCache:
     def _layer_dir(self, hexd: str) -> Path:
         return self.dir / "layers" / hexd
 
-    def save_layer(self, rec: LayerRecord, toc_pieces: list[tuple[int, bytes]] | None) -> bool:
+    def save_layer(self, rec: LayerRecord, toc_pieces: TocPieces | None) -> bool:
         hexd = hex_of(rec.blob_digest)
         d = self._layer_dir(hexd)
         grown = 0
         if toc_pieces is not None:
-            blob = _pack_pieces(toc_pieces)
+            blob = pack_toc(toc_pieces)
             old = _size_of(d / "toc")
             if not self._try_write(d / "toc", blob):
                 return False
             grown += len(blob) - old
-        body = json.dumps(rec.to_json(), indent=1, sort_keys=True).encode()
+        body = rec.encode()
         old = _size_of(d / "layer.json")
         ok = self._try_write(d / "layer.json", body)
         if ok:
@@ -569,13 +308,13 @@ class DiskCache:
             self.account(f"layers/{hexd}", grown, hexd)
         return ok
 
-    def load_layer(self, blob_digest: str) -> tuple[LayerRecord, list[tuple[int, bytes]]] | None:
+    def load_layer(self, blob_digest: str) -> tuple[LayerRecord, TocPieces] | None:
         """The record and TOC bytes of a layer, or None if absent or unreadable."""
         hexd = hex_of(blob_digest)
         d = self._layer_dir(hexd)
         try:
-            rec = LayerRecord.from_json(json.loads((d / "layer.json").read_bytes()))
-            pieces = _unpack_pieces((d / "toc").read_bytes())
+            rec = LayerRecord.decode((d / "layer.json").read_bytes())
+            pieces = unpack_toc((d / "toc").read_bytes())
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -590,13 +329,14 @@ class DiskCache:
     def layer_records(self) -> Iterator[LayerRecord]:
         for d in _dirs(self.dir / "layers"):
             try:
-                yield LayerRecord.from_json(json.loads((d / "layer.json").read_bytes()))
+                yield LayerRecord.decode((d / "layer.json").read_bytes())
             except (OSError, ValueError, KeyError, TypeError):
                 continue
 
     def save_profile(self, blob_digest: str, paths: list[str]) -> bool:
+        """Store a layer's learned profile; it counts towards (and is evicted with) the layer."""
         hexd = hex_of(blob_digest)
-        body = json.dumps({"files": paths}).encode()
+        body = encode_profile(paths)
         path = self._layer_dir(hexd) / "profile.json"
         old = _size_of(path)
         ok = self._try_write(path, body)
@@ -605,31 +345,15 @@ class DiskCache:
         return ok
 
     def load_profile(self, blob_digest: str) -> list[str]:
-        path = self._layer_dir(hex_of(blob_digest)) / "profile.json"
-        try:
-            files = json.loads(path.read_bytes())["files"]
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("cache-corrupt profile %s: %s; ignoring it", path.name, exc)
-            return []
-        return [f for f in files if isinstance(f, str)]
+        return read_profile(self._layer_dir(hex_of(blob_digest)) / "profile.json")
 
-    # -- use counts -----------------------------------------------------------------------------
+    # -- use counts (kept here, beside the data they protect; never evicted) --------------------
 
-    def save_uses(self, uses: dict[tuple[str, str], int]) -> bool:
-        body = json.dumps([[r, d, n] for (r, d), n in sorted(uses.items()) if n > 0]).encode()
-        return self._try_write(self.dir / "uses.json", body)
+    def save_uses(self, uses: UseCounts) -> bool:
+        return self._try_write(self.dir / "uses.json", encode_uses(uses))
 
-    def load_uses(self) -> dict[tuple[str, str], int]:
-        try:
-            raw = json.loads((self.dir / "uses.json").read_bytes())
-            return {(str(r), str(d)): int(n) for r, d, n in raw if int(n) > 0}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("cache-corrupt uses.json: %s; starting with no use counts", exc)
-            return {}
+    def load_uses(self) -> UseCounts:
+        return read_uses(self.dir / "uses.json")
 
     # -- eviction -------------------------------------------------------------------------------
 
@@ -688,11 +412,11 @@ class DiskCache:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         return False  # being written (by us or another process): skip it
-                    _remove_tree(d)
+                    remove_dir(d)
                 finally:
                     os.close(fd)
             elif kind == "layers":
-                _remove_tree(self.dir / "layers" / name)
+                remove_dir(self.dir / "layers" / name)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -714,24 +438,6 @@ class DiskCache:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def _pack_pieces(pieces: list[tuple[int, bytes]]) -> bytes:
-    head = json.dumps([[off, len(data)] for off, data in pieces]).encode() + b"\n"
-    return head + b"".join(data for _, data in pieces)
-
-
-def _unpack_pieces(blob: bytes) -> list[tuple[int, bytes]]:
-    nl = blob.index(b"\n")
-    spans = json.loads(blob[:nl])
-    out: list[tuple[int, bytes]] = []
-    pos = nl + 1
-    for off, n in spans:
-        if int(n) < 0 or pos + int(n) > len(blob):
-            raise ValueError("TOC record is truncated")
-        out.append((int(off), blob[pos : pos + int(n)]))
-        pos += int(n)
-    return out
 
 
 def _size_of(path: Path) -> int:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from als.digest import is_digest
 from als.oci import toc_digest_of
-from als.store.protocol import (
+from als.store.fs.protocol import (
     LayerInfo,
     b64decode_segment,
     info_json,

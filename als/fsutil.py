@@ -1,0 +1,44 @@
+"""Filesystem helpers shared by the store and the CLI (stdlib only)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(dest: Path, data: bytes, *, tmp: Path | None = None) -> None:
+    """Write ``dest`` through a temporary file and a rename, so no reader sees a partial file.
+
+    ``tmp`` is the temporary file's path, created exclusively (the caller keeps it on the same
+    filesystem as ``dest``); by default it is a fresh ``.<name>.*`` file beside ``dest``. The
+    file is created with mode 0600. Raises OSError; the temporary file is removed on failure.
+    """
+    if tmp is None:
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.absolute().parent)
+        tmp = Path(name)
+    else:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def remove_dir(path: Path) -> None:
+    """Remove a directory of plain files (one level deep); what is already gone is no error."""
+    with contextlib.suppress(FileNotFoundError):
+        for child in path.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                child.unlink()
+        path.rmdir()

@@ -1,5 +1,14 @@
-"""The architecture's import rules, enforced: only the FUSE layer imports pyfuse3, only the
-registry client imports requests, and the format parsers import no async or network code."""
+"""The architecture's import rules, enforced (docs/architecture.md lists them):
+
+- only the FUSE layer imports pyfuse3, only the registry transport imports requests/urllib3,
+  only the metrics module imports prometheus_client;
+- the format parsers import no async, FUSE, network, store or registry code;
+- the shared definitions (als/digest.py, oci.py, ranges.py, overlay.py, paths.py, errors.py,
+  fsutil.py) import only the standard library and each other;
+- the store imports the registry's types, never its client (only the daemon wires one in);
+- the registry never imports the store; nothing but the CLI imports the CLI; nothing imports tests;
+- ``als status`` imports only the standard library and als/paths.py.
+"""
 
 from __future__ import annotations
 
@@ -9,39 +18,78 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "als"
-
-
-def imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), str(path))
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module.split(".")[0])
-    return out
+SHARED = {
+    "als",
+    "als.digest",
+    "als.oci",
+    "als.ranges",
+    "als.overlay",
+    "als.paths",
+    "als.errors",
+    "als.fsutil",
+}
 
 
 def modules() -> dict[str, set[str]]:
-    return {str(p.relative_to(PKG.parent)): imports(p) for p in PKG.rglob("*.py")}
+    """Every module of the package -> the full names it imports at run time."""
+    return {str(p.relative_to(PKG.parent)): runtime_imports(p) for p in PKG.rglob("*.py")}
+
+
+def users_of(*tops: str) -> set[str]:
+    return {m for m, imps in modules().items() if {i.split(".")[0] for i in imps} & set(tops)}
+
+
+def under(imps: set[str], prefix: str) -> set[str]:
+    return {i for i in imps if i == prefix or i.startswith(prefix + ".")}
 
 
 def test_only_fuse_layer_imports_pyfuse3() -> None:
-    users = {m for m, imps in modules().items() if "pyfuse3" in imps}
+    users = users_of("pyfuse3")
     assert users <= {"als/store/fs/operations.py", "als/store/daemon.py"}, users
     assert "als/store/fs/operations.py" in users
 
 
-def test_only_registry_imports_requests() -> None:
-    users = {m for m, imps in modules().items() if imps & {"requests", "urllib3"}}
-    assert users and all(m.startswith("als/registry/") for m in users), users
+def test_only_the_transport_imports_requests() -> None:
+    assert users_of("requests", "urllib3") == {"als/registry/transport.py"}
+
+
+def test_only_metrics_imports_prometheus_client() -> None:
+    assert users_of("prometheus_client") == {"als/store/metrics.py"}
 
 
 def test_parsers_are_pure() -> None:
+    bad_tops = {"trio", "pyfuse3", "requests", "socket", "urllib3", "prometheus_client"}
     for m, imps in modules().items():
         if m.startswith("als/formats/"):
-            bad = imps & {"trio", "pyfuse3", "requests", "socket", "urllib3", "als.store"}
+            bad = {i for i in imps if i.split(".")[0] in bad_tops}
+            bad |= under(imps, "als.store") | under(imps, "als.registry") | under(imps, "als.cli")
             assert not bad, (m, bad)
+
+
+def test_shared_definitions_need_only_the_standard_library() -> None:
+    for name in SHARED - {"als"}:
+        path = PKG / (name.split(".")[1] + ".py")
+        imps = runtime_imports(path)
+        other = {i for i in imps if i.split(".")[0] not in sys.stdlib_module_names} - SHARED
+        assert not other, (name, other)
+
+
+def test_the_store_imports_registry_types_not_the_client() -> None:
+    for m, imps in modules().items():
+        if m.startswith("als/store/") and m != "als/store/daemon.py":
+            registry = under(imps, "als.registry") - {"als.registry.types"}
+            assert not registry, (m, registry)
+
+
+def test_the_registry_never_imports_the_store() -> None:
+    for m, imps in modules().items():
+        if m.startswith("als/registry/"):
+            assert not under(imps, "als.store"), m
+
+
+def test_the_package_never_imports_tests() -> None:
+    for m, imps in modules().items():
+        assert not under(imps, "tests"), m
 
 
 def runtime_imports(path: Path) -> set[str]:

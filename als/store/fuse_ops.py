@@ -26,7 +26,7 @@ from als.errors import AlsError
 from als.formats import EntryType
 from als.overlay import OPAQUE_XATTRS
 from als.store.config import StoreConfig
-from als.store.layers import LayerManager
+from als.store.manager import LayerManager
 from als.store.nodes import (
     INSTANCE_SHIFT,
     Instance,

@@ -1,0 +1,39 @@
+"""What the store engine needs from outside: a registry to read from, and a metrics sink.
+
+:class:`als.registry.RegistryClient` satisfies :class:`Source`; tests use an in-process fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from als.registry.client import LayerDescriptor
+
+
+class ResolvedImageLike(Protocol):
+    @property
+    def layers(self) -> Sequence[LayerDescriptor]: ...
+
+
+class Source(Protocol):
+    """A registry: image manifests by reference, and byte ranges of blobs."""
+
+    def resolve(
+        self, ref: str, *, platform: str | None = None, deadline: float | None = None
+    ) -> ResolvedImageLike: ...
+
+    def fetch_ranges(
+        self,
+        ref: str,
+        digest: str,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        deadline: float | None = None,
+    ) -> list[bytes]: ...
+
+
+class MetricsSink(Protocol):
+    def observe_fetch(self, kind: str, seconds: float, nbytes: int) -> None: ...
+
+    def observe_read(self, seconds: float) -> None: ...

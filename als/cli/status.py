@@ -14,14 +14,18 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from time import sleep
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from als.paths import DEFAULT_ROOT, SOCKET_NAME
+
+if TYPE_CHECKING:  # standard library only at run time
+    from als.store.status import LayerStatus, StoreStatus
 
 TIMEOUT = 5.0
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 BAR_CELLS = 20
-#: Background states in which a layer is still filling up, so a progress bar says something.
+#: Background states in which a layer is still filling up, so a progress bar says something
+#: (als.store.background.IN_PROGRESS, as the strings the JSON carries).
 _IN_PROGRESS = frozenset({"running", "paused", "waiting"})
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
@@ -67,7 +71,7 @@ def short_digest(digest: str) -> str:
     return f"{algo}:{hexpart[:12]}" if sep else digest[:19]
 
 
-def _percent(layer: Mapping[str, Any]) -> float:
+def _percent(layer: LayerStatus | Mapping[str, Any]) -> float:
     pct = layer.get("cached_percent")
     if isinstance(pct, int | float):
         return float(pct)
@@ -79,8 +83,9 @@ def _size(value: Any) -> str:
     return human_bytes(value) if isinstance(value, int | float) else "-"
 
 
-def render_status(status: Mapping[str, Any]) -> str:
-    """The human-readable report: header lines, then a table of layers."""
+def render_status(status: StoreStatus | Mapping[str, Any]) -> str:
+    """The human-readable report: header lines, then a table of layers. The document is read
+    defensively (it comes from another process): a missing field shows as ``?`` or 0."""
     cache: Mapping[str, Any] = status.get("cache") or {}
     lines = [
         f"store {status.get('root', '?')}: als {status.get('version', '?')}, "
@@ -207,7 +212,7 @@ def _parse_response(raw: bytes, sock_path: Path) -> dict[str, Any]:
     return data
 
 
-def _format(status: Mapping[str, Any], as_json: bool) -> str:
+def _format(status: StoreStatus | Mapping[str, Any], as_json: bool) -> str:
     if as_json:
         return json.dumps(status, indent=2, sort_keys=False) + "\n"
     return render_status(status)

@@ -73,9 +73,9 @@ from als.registry.transport import (
     Transport,
     retry_after,
 )
-from als.registry.types import ClientStats, LayerDescriptor, ResolvedImage
+from als.registry.types import ClientStats, ResolvedImage
 
-__all__ = ["ClientStats", "LayerDescriptor", "RegistryClient", "ResolvedImage"]
+__all__ = ["RegistryClient"]
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,12 @@ import trio
 
 from als.errors import ConfigError
 from als.store.metrics import Metrics
+from als.store.status import StoreStatus
 
 log = logging.getLogger("als.control")
 
-StatusFn = Callable[[], Mapping[str, Any]]
+#: The manager's ``status()``; a plain mapping is served as well (it is only JSON-encoded).
+StatusFn = Callable[[], StoreStatus | Mapping[str, Any]]
 
 MAX_HEAD_BYTES = 8 * 1024
 CONNECTION_TIMEOUT = 5.0

@@ -23,8 +23,9 @@ from als.paths import SOCKET_NAME
 from als.store.config import StoreConfig
 from als.store.control import serve_control
 from als.store.fs.operations import Operations
-from als.store.layers import LayerManager, Source
+from als.store.manager import LayerManager
 from als.store.metrics import Metrics
+from als.store.ports import Source
 
 log = logging.getLogger("als.daemon")
 

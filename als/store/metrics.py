@@ -20,9 +20,13 @@ from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from als.store.status import StoreStatus
+
 log = logging.getLogger("als.metrics")
 
-StatusFn = Callable[[], Mapping[str, Any]]
+#: The manager's ``status()``. Read defensively: any mapping is accepted, a missing or
+#: mistyped field counts as 0 (a broken status must not break every scrape).
+StatusFn = Callable[[], StoreStatus | Mapping[str, Any]]
 
 #: Why a byte range was fetched from a registry.
 FETCH_KINDS = ("foreground", "readahead", "prefetch", "background")
@@ -76,7 +80,7 @@ class _StatusCollector(Collector):
             return [up]
         return list(self._families(status))
 
-    def _families(self, status: Mapping[str, Any]) -> Iterable[Metric]:
+    def _families(self, status: StoreStatus | Mapping[str, Any]) -> Iterable[Metric]:
         up = GaugeMetricFamily("als_status_up", "1 if status() answered at this scrape")
         up.add_metric([], 1.0)
         yield up

@@ -418,7 +418,7 @@ def test_bad_names_are_enoent_and_leave_no_state(store: Store) -> None:
         with contextlib.suppress(OSError):
             os.lstat(p.parent)
     before = store.state()
-    negative = len(store.mount.ops.manager._negative)
+    negative = len(store.mount.ops.manager.resolver.negative)
     for _ in range(2):
         for p in bad:
             t = time.monotonic()
@@ -432,7 +432,7 @@ def test_bad_names_are_enoent_and_leave_no_state(store: Store) -> None:
             assert time.monotonic() - t < 2, p
     # Names that do not parse never reach the registry and leave nothing behind.
     assert store.state() == before
-    assert len(store.mount.ops.manager._negative) == negative
+    assert len(store.mount.ops.manager.resolver.negative) == negative
     assert store.mount.ops.internal_errors == 0
 
 

@@ -20,7 +20,7 @@ from als.overlay import (
     whiteout_name,
     whiteout_target,
 )
-from als.store.layers import Layer
+from als.store.layer import Layer
 
 ROOT_INODE = 1
 INSTANCE_SHIFT = 32

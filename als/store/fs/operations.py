@@ -45,7 +45,7 @@ from als.store.fs.protocol import (
     parse_ref_segment,
     parse_rootfs_name,
 )
-from als.store.layers import LayerManager
+from als.store.manager import LayerManager
 
 log = logging.getLogger(__name__)
 

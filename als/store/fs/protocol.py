@@ -11,10 +11,10 @@ import base64
 import binascii
 import json
 import re
-from dataclasses import dataclass
 
 from als.digest import is_digest
 from als.oci import is_zstd_media_type
+from als.store.ports import LayerInfo
 
 ANN_LAYER_DIGEST = "containers/image/target.layerdigest"
 ANN_REFERENCE = "containers/image/target.reference"
@@ -84,18 +84,6 @@ def parse_rootfs_name(name: bytes) -> str | None:
     if _LAYER_ID_RE.fullmatch(layer_id) is None or layer_id in (".", ".."):
         return None
     return layer_id
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """What the store knows about a layer, enough to answer ``info``."""
-
-    blob_digest: str
-    blob_size: int
-    diff_id: str | None
-    toc_digest: str
-    media_type: str
-    uncompressed_size: int | None
 
 
 def compression_of(media_type: str) -> int:

@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 from als.digest import is_digest
 from als.oci import toc_digest_of
 from als.store.fs.protocol import (
-    LayerInfo,
     b64decode_segment,
     info_json,
     parse_annotation_segment,
     parse_ref_segment,
     parse_rootfs_name,
 )
+from als.store.ports import LayerInfo
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64

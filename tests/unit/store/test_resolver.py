@@ -1,4 +1,5 @@
-"""LayerManager and Layer without FUSE: single-flight, negative cache, fail-fast lookups."""
+"""Lookups without FUSE (als.store.resolver through LayerManager): single-flight, negative
+cache, fail-fast lookups."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import pytest
 import trio
 
 from als.errors import NotFound
-from als.ranges import merge as merge_ranges
+from als.store import resolver
 from als.store.config import StoreConfig
-from als.store.layers import LayerManager
+from als.store.manager import LayerManager
 from tests.support.fakesource import FakeSource
 from tests.support.layers import BuiltLayer, make_layer
 
@@ -26,28 +27,6 @@ def layer() -> BuiltLayer:
 
 def manager(src: Any, **kw: Any) -> LayerManager:
     return LayerManager(src, StoreConfig(**kw))
-
-
-async def test_concurrent_reads_fetch_each_chunk_once(layer: BuiltLayer) -> None:
-    src = FakeSource()
-    src.add_image(REF, [layer])
-    m = manager(src)
-    lay = await m.lookup(REF, layer.digest)
-    big = lay.index.lookup("a/big")
-    assert big is not None
-    before = src.requests
-    results: list[bytes] = []
-
-    async def read() -> None:
-        results.append(await lay.read(big, 300_000, 4096))
-
-    async with trio.open_nursery() as n:
-        for _ in range(20):
-            n.start_soon(read)
-    assert results == [BIG[300_000:304_096]] * 20
-    assert src.requests - before == 1
-    assert await lay.read(big, 0, len(BIG) + 10) == BIG
-    assert await lay.read(big, len(BIG), 10) == b""
 
 
 async def test_concurrent_lookups_resolve_once(layer: BuiltLayer) -> None:
@@ -96,46 +75,18 @@ async def test_lookup_fails_fast_when_the_registry_hangs(layer: BuiltLayer) -> N
     assert trio.current_time() - t < 1.5
 
 
-async def test_use_and_release_counts() -> None:
-    m = manager(FakeSource())
-    assert m.use(REF, "d") == 1
-    assert m.use(REF, "d") == 2
-    assert m.release(REF, "d") == 1
-    assert m.release(REF, "d") == 0
-    assert m.release(REF, "d") == 0  # never negative (a release after a restart)
-
-
-def test_merge_ranges_with_a_gap() -> None:
-    assert merge_ranges([(10, 20), (0, 5), (25, 30)], 5) == [(0, 30)]
-    assert merge_ranges([(0, 5), (100, 110)], 10) == [(0, 5), (100, 110)]
-    assert merge_ranges([(0, 50), (10, 20)], 0) == [(0, 50)]
-    assert merge_ranges([], 10) == []
-
-
 async def test_failed_lookups_remembered_are_bounded(layer: BuiltLayer) -> None:
     """A client asking for endless unknown names cannot grow the store's memory."""
-    from als.store import layers as layers_mod
-
     src = FakeSource()
     src.add_image(REF, [layer])
     m = manager(src, negative_ttl=60)
-    n = layers_mod._MAX_NEGATIVE + 50
+    n = resolver._MAX_NEGATIVE + 50
     for i in range(n):
         with pytest.raises(NotFound):
             await m.lookup(REF, f"sha256:{i:064x}")
-    assert len(m._negative) == layers_mod._MAX_NEGATIVE
+    assert len(m.resolver.negative) == resolver._MAX_NEGATIVE
     # the newest answers are the ones kept
     resolves = src.resolves
     with pytest.raises(NotFound):
         await m.lookup(REF, f"sha256:{n - 1:064x}")
     assert src.resolves == resolves
-
-
-def test_daemon_passes_the_realm_policy_to_the_client(tmp_path: Any) -> None:
-    from als.store.daemon import make_source
-
-    cfg = StoreConfig(root=tmp_path, auth_realm_hosts="reg.example=auth.example")
-    client: Any = make_source(cfg)
-    assert client.realm_policy.allows("reg.example", "auth.example")
-    default: Any = make_source(StoreConfig(root=tmp_path))
-    assert not default.realm_policy.allows("reg.example", "auth.example")

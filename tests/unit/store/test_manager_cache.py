@@ -19,7 +19,8 @@ import trio
 
 from als.errors import AlsError, VerifyError
 from als.store.config import StoreConfig
-from als.store.layers import Layer, LayerManager
+from als.store.layer import Layer
+from als.store.manager import LayerManager
 from tests.support.fakesource import FakeSource
 from tests.support.layers import LAZY_FORMATS, BuiltLayer, make_layer, noise
 

@@ -1,0 +1,417 @@
+"""Loading chunks: the read pipeline of every layer.
+
+A chunk a reader needs is looked for, in order: in memory, in the disk cache by its digest
+(shared by every layer and image), in the local compressed blob (complete, or the ranges of a
+download in progress), and last in the registry. Whatever comes from the registry is verified
+before use (bytes that fail are fetched again, a few times), then kept at every level. One
+fetch per chunk is in flight at a time: other readers of it wait for that fetch.
+
+Layer state is changed on the trio side only; the functions run in worker threads return
+what they found.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from als.errors import AlsError, FormatError, RegistryError, VerifyError
+from als.formats import Chunk, decode_chunk, verify_file
+from als.ranges import merge as merge_spans
+from als.store.context import StoreContext
+
+if TYPE_CHECKING:
+    from als.store.layer import Layer
+
+log = logging.getLogger(__name__)
+
+Item = tuple[int, Chunk]  # (file id, chunk)
+Home = tuple["weakref.ref[Layer]", Chunk]
+
+#: What a fetch is for; also the label of the fetch metrics.
+FOREGROUND, READAHEAD, PREFETCH = "foreground", "readahead", "prefetch"
+
+_PREFETCH_GAP = 1 << 20  # prefetch reads through gaps this small: fewer, larger requests
+_VERIFY_ATTEMPTS = 3  # fetches of bytes that fail verification before a read gets EIO
+_MAX_HOMES = 200_000  # chunk digests remembered in ChunkLoader.homes (about 40 MB at most)
+
+
+class ChunkLoader:
+    """Gets the decoded, verified chunks of any layer (one loader serves the whole store)."""
+
+    def __init__(self, ctx: StoreContext) -> None:
+        self._ctx = ctx
+        #: Told of each foreground fetch from the registry: (layer, blob start, blob end).
+        self.on_miss: Callable[[Layer, int, int], None] = lambda layer, start, end: None
+        self.inflight: dict[str, trio.Event] = {}
+        # Chunks whose compressed bytes are in a layer's own download, by chunk digest: another
+        # layer with the same content decodes them from there instead of fetching them (and the
+        # cache keeps one copy). Bounded; the layers are held weakly.
+        self.homes: OrderedDict[str, Home] = OrderedDict()
+
+    async def get(self, layer: Layer, items: Sequence[Item], kind: str) -> dict[str, bytes]:
+        """The decoded, verified content of ``items``, by key; one fetch per chunk at a time."""
+        memory = self._ctx.memory
+        got: dict[str, bytes] = {}
+        for _attempt in range(3):
+            todo: dict[str, Item] = {}
+            waits: list[trio.Event] = []
+            for fid, c in items:
+                k = layer.key(c)
+                if k in got or k in todo:
+                    continue
+                data = memory.get(k)
+                if data is not None:
+                    got[k] = data
+                elif (ev := self.inflight.get(k)) is not None:
+                    waits.append(ev)
+                else:
+                    todo[k] = (fid, c)
+            if todo:
+                got.update(await self._load(layer, list(todo.values()), kind))
+            for ev in waits:
+                await ev.wait()
+            if all(layer.key(c) in got for _, c in items):
+                return got
+            if not waits:
+                break
+        # Waited for another task's fetch, which failed: the caller gets EIO; the next read retries.
+        raise RegistryError(
+            f"layer {layer.digest}: content not available (an earlier fetch failed)"
+        )
+
+    async def _load(self, layer: Layer, items: list[Item], kind: str) -> dict[str, bytes]:
+        index = layer.index
+        # A file verified as a whole needs all its chunks, from one source.
+        whole = {fid for fid in {f for f, _ in items} if index.whole_file_verify(fid)}
+        if whole:
+            seen = {layer.key(c) for _, c in items}
+            for fid in whole:
+                for c in index.chunks(fid):
+                    if layer.key(c) not in seen:
+                        items.append((fid, c))
+                        seen.add(layer.key(c))
+        events = {layer.key(c): trio.Event() for _, c in items}
+        for k, ev in events.items():
+            self.inflight.setdefault(k, ev)
+        try:
+            return await self._load_in_flight(layer, items, whole, kind)
+        except AlsError as exc:
+            layer.read_errors += kind == FOREGROUND
+            layer.last_error = str(exc)
+            paths = sorted({index.path(fid) for fid, _ in items})
+            shown = ", ".join(paths[:3]) + (f" (+{len(paths) - 3})" if len(paths) > 3 else "")
+            log.error(
+                "read-failed layer=%s kind=%s path=%s error=%s", layer.digest, kind, shown, exc
+            )
+            raise
+        finally:
+            for k, ev in events.items():
+                if self.inflight.get(k) is ev:
+                    del self.inflight[k]
+                ev.set()
+
+    async def _load_in_flight(
+        self, layer: Layer, items: list[Item], whole: set[int], kind: str
+    ) -> dict[str, bytes]:
+        """Load ``items``, which this task has marked in flight: disk, local, registry."""
+        ctx = self._ctx
+        out: dict[str, bytes] = {}
+        cache = ctx.disk
+        piece = layer.bg_piece
+        if piece is not None and any(
+            c.coffset < piece[1] and c.cend > piece[0] for _, c in items if not c.zeros
+        ):
+            await piece[2].wait()
+        # 1. The disk cache (by chunk digest) and the local compressed bytes.
+        local: dict[str, bytes] = {}
+        if cache is not None and self._maybe_local(layer, items, whole):
+            gone: list[Layer] = []
+
+            def from_disk() -> tuple[dict[str, bytes], dict[str, bytes]]:
+                found: dict[str, bytes] = {}
+                raws: dict[str, bytes] = {}
+                for fid, c in items:
+                    if c.zeros:
+                        continue
+                    k = layer.key(c)
+                    if c.digest is not None and fid not in whole:
+                        data = None
+                        if cache.has_chunk(c.digest):
+                            data = cache.get_chunk(c.digest)
+                        elif (home := self.homes.get(c.digest)) is not None:
+                            data = self._from_home(layer, home, gone)
+                        if data is not None and len(data) == c.size:
+                            found[k] = data
+                            continue
+                    raw = self._read_local(layer, c.coffset, c.cend, gone)
+                    if raw is not None:
+                        raws[k] = raw
+                return found, raws
+
+            found, local = await ctx.scheduler.disk_call(from_disk)
+            out.update(found)
+            _mark_gone(gone)
+        pending = [(fid, c) for fid, c in items if layer.key(c) not in out]
+        # Whole-file-verified files use local bytes only if all their chunks are local.
+        whole_local = set()
+        for fid in whole:
+            if any(f == fid and not c.zeros and layer.key(c) not in local for f, c in pending):
+                for f, c in pending:
+                    if f == fid:
+                        local.pop(layer.key(c), None)
+            else:
+                whole_local.add(fid)
+        # 2. Decode what is local; bytes that fail go back to the registry list.
+        if local:
+            from_local = [
+                (f, c)
+                for f, c in pending
+                if layer.key(c) in local or (c.zeros and (f not in whole or f in whole_local))
+            ]
+            decoded, bad = await self.decode(layer, from_local, local, whole)
+            out.update(decoded)
+            if bad:
+                discarded = await ctx.scheduler.disk_call(lambda: self._forget_local(layer, bad))
+                if discarded:
+                    layer.complete = False
+            pending = [(fid, c) for fid, c in items if layer.key(c) not in out]
+        # 3. The registry.
+        fetched_spans: list[tuple[int, bytes]] = []
+        if pending:
+            fetched_spans = await self._fetch_verified(layer, pending, whole, kind, out)
+        for k, data in out.items():
+            ctx.memory.put(k, data)
+        # 4. Keep what is new on disk (after the reader has its bytes): the compressed bytes go
+        # to our own download, and its chunks are then found through self.homes; decompressed
+        # chunk files are written only when there is no download of ours to hold them.
+        if cache is not None:
+            own = layer.ingest is not None and layer.ingest.owned and not layer.complete
+            fresh = [
+                (c.digest, c)
+                for fid, c in pending
+                if c.digest is not None and not c.zeros and fid not in whole
+            ]
+            to_store: list[tuple[str, bytes]] = []
+            if own:
+                me = weakref.ref(layer)
+                homes = self.homes
+                for d, c in fresh:
+                    homes[d] = (me, c)
+                    homes.move_to_end(d)
+                while len(homes) > _MAX_HOMES:
+                    homes.popitem(last=False)
+            else:
+                to_store = [(d, out[layer.key(c)]) for d, c in fresh]
+            if to_store or fetched_spans:
+                ctx.scheduler.spawn_disk_write(lambda: self._store(layer, to_store, fetched_spans))
+        return out
+
+    async def _fetch_verified(
+        self, layer: Layer, pending: list[Item], whole: set[int], kind: str, out: dict[str, bytes]
+    ) -> list[tuple[int, bytes]]:
+        """Fetch ``pending`` from the registry into ``out``, verified. Bytes that fail
+        verification (a registry or network that corrupted them) are fetched again, up to
+        _VERIFY_ATTEMPTS times within the read timeout; they are never kept. Returns the
+        fetched spans that hold only verified chunks (for the download)."""
+        index = layer.index
+        deadline = time.monotonic() + self._ctx.cfg.read_timeout
+        spans_ok: list[tuple[int, bytes]] = []
+        todo = pending
+        for attempt in range(1, _VERIFY_ATTEMPTS + 1):
+            raw, spans = await self._fetch(layer, todo, kind)
+            decoded, bad = await self.decode(layer, todo, raw, whole)
+            # A file verified as a whole is fetched again as a whole.
+            bad_files = {fid for fid, _ in bad if fid in whole}
+            if bad_files:
+                for fid in bad_files:
+                    for c in index.chunks(fid):
+                        decoded.pop(layer.key(c), None)
+                bad = [(fid, c) for fid, c in todo if layer.key(c) not in decoded]
+            out.update(decoded)
+            ranges = [(c.coffset, c.cend) for _, c in bad if not c.zeros]
+            spans_ok += [
+                (s, d) for s, d in spans if not any(b < s + len(d) and e > s for b, e in ranges)
+            ]
+            if not bad:
+                return spans_ok
+            fid, c = bad[0]
+            what = f"layer {layer.digest}: {index.path(fid)}: chunk at {c.coffset}"
+            if attempt == _VERIFY_ATTEMPTS or time.monotonic() >= deadline:
+                raise VerifyError(
+                    f"{what} failed verification {attempt} times; the registry keeps sending "
+                    "bytes that do not match the layer's TOC"
+                )
+            log.warning(
+                "refetch layer=%s kind=%s chunks=%d attempt=%d: %s failed verification",
+                layer.digest,
+                kind,
+                len(bad),
+                attempt,
+                what,
+            )
+            todo = bad
+        return spans_ok  # not reached
+
+    def _maybe_local(self, layer: Layer, items: list[Item], whole: set[int]) -> bool:
+        """Cheap check (no I/O): might the disk hold any of ``items``?"""
+        disk = self._ctx.disk
+        if layer.complete:
+            return True
+        ingest = layer.ingest
+        if ingest is not None and ingest.ranges:
+            return True
+        return disk is not None and any(
+            c.digest is not None
+            and fid not in whole
+            and (disk.has_chunk(c.digest) or c.digest in self.homes)
+            for fid, c in items
+        )
+
+    def _from_home(self, reader: Layer, home: Home, gone: list[Layer]) -> bytes | None:
+        """A chunk with the same digest, decoded (and verified) from another layer's download.
+        Runs in a disk thread."""
+        layer, c = home[0](), home[1]
+        if layer is None or layer is reader:
+            return None
+        raw = self._read_local(layer, c.coffset, c.cend, gone)
+        if raw is None:
+            return None
+        try:
+            return decode_chunk(layer.index, c, raw)
+        except (FormatError, VerifyError) as exc:
+            log.warning("cache-corrupt layer=%s: %s; fetching again", layer.digest, exc)
+            return None
+
+    async def read_local(self, layer: Layer, start: int, end: int) -> bytes | None:
+        """Blob bytes [start, end) if they are on disk, else None."""
+        gone: list[Layer] = []
+        data = await self._ctx.scheduler.disk_call(
+            lambda: self._read_local(layer, start, end, gone)
+        )
+        _mark_gone(gone)
+        return data
+
+    def _read_local(self, layer: Layer, start: int, end: int, gone: list[Layer]) -> bytes | None:
+        """Runs in a disk thread. A complete blob found evicted is added to ``gone`` (and read
+        as incomplete from then on); the caller marks it so on the trio side."""
+        disk = self._ctx.disk
+        if layer.complete and disk is not None and not any(g is layer for g in gone):
+            data = disk.read_blob(layer.digest, start, end - start)
+            if data is None and not disk.has_blob(layer.digest):
+                gone.append(layer)
+            return data
+        if layer.ingest is not None:
+            return layer.ingest.read(start, end - start)
+        return None
+
+    def _forget_local(self, layer: Layer, bad: list[Item]) -> bool:
+        """Drop local bytes that failed verification (in a disk thread); True if that was the
+        complete blob (the caller marks the layer incomplete)."""
+        disk = self._ctx.disk
+        if layer.complete and disk is not None:
+            disk.discard_blob(layer.digest, "a chunk read from it failed verification")
+            return True
+        if layer.ingest is not None:
+            if disk is not None:
+                disk.corrupt += 1
+            for _, c in bad:
+                log.warning(
+                    "cache-corrupt layer=%s: downloaded bytes %d-%d failed verification; "
+                    "fetching them again",
+                    layer.digest,
+                    c.coffset,
+                    c.cend,
+                )
+                layer.ingest.forget(c.coffset, c.cend)
+        return False
+
+    def _store(
+        self, layer: Layer, chunks: list[tuple[str, bytes]], spans: list[tuple[int, bytes]]
+    ) -> None:
+        disk = self._ctx.disk
+        assert disk is not None
+        for digest, data in chunks:
+            if not disk.put_chunk(digest, data):
+                break
+        if layer.ingest is not None and layer.ingest.owned and not layer.complete:
+            for off, data in spans:
+                layer.ingest.write(off, data)
+
+    async def _fetch(
+        self, layer: Layer, pending: list[Item], kind: str
+    ) -> tuple[dict[str, bytes], list[tuple[int, bytes]]]:
+        ctx = self._ctx
+        cfg = ctx.cfg
+        need = [c for _, c in pending if not c.zeros]
+        gap = _PREFETCH_GAP if kind in (PREFETCH, READAHEAD) else cfg.coalesce_gap
+        spans = merge_spans([(c.coffset, c.cend) for c in need], gap)
+        if not spans:
+            return {}, []
+        deadline = time.monotonic() + cfg.read_timeout
+        ranges = [(s, e - s) for s, e in spans]
+        ref, digest, source = layer.ref, layer.digest, ctx.source
+
+        def fetch() -> list[bytes]:
+            return source.fetch_ranges(ref, digest, ranges, deadline=deadline)
+
+        start = time.monotonic()
+        async with ctx.scheduler.foreground():
+            with trio.fail_after(cfg.read_timeout + 5):
+                blobs = await ctx.scheduler.net_call(fetch)
+        n = sum(len(b) for b in blobs)
+        layer.fetched_bytes += n
+        ctx.fetched(n, kind, time.monotonic() - start)
+        if kind == FOREGROUND:
+            self.on_miss(layer, spans[0][0], spans[-1][1])
+        raw: dict[str, bytes] = {}
+        for c in need:
+            for (s, e), data in zip(spans, blobs, strict=True):
+                if s <= c.coffset and c.cend <= e:
+                    raw[layer.key(c)] = data[c.coffset - s : c.cend - s]
+                    break
+        return raw, [(s, data) for (s, _), data in zip(spans, blobs, strict=True)]
+
+    async def decode(
+        self, layer: Layer, items: list[Item], raw: dict[str, bytes], whole: set[int]
+    ) -> tuple[dict[str, bytes], list[Item]]:
+        """Decode and verify; returns the good chunks by key, and the items that failed."""
+        index = layer.index
+        digest = layer.digest
+        key = layer.key
+
+        def work() -> tuple[dict[str, bytes], list[Item]]:
+            good: dict[str, bytes] = {}
+            bad: list[Item] = []
+            for fid, c in items:
+                k = key(c)
+                try:
+                    good[k] = decode_chunk(index, c, raw.get(k, b""), path=index.path(fid))
+                except (FormatError, VerifyError) as exc:
+                    log.warning("verify-failed layer=%s: %s", digest, exc)
+                    bad.append((fid, c))
+            for fid in whole:
+                chunks = list(index.chunks(fid))
+                if not all(key(c) in good for c in chunks) or not any(f == fid for f, _ in items):
+                    continue
+                try:
+                    verify_file(index, fid, b"".join(good[key(c)] for c in chunks))
+                except VerifyError as exc:
+                    log.warning("verify-failed layer=%s: %s", digest, exc)
+                    for c in chunks:
+                        good.pop(key(c), None)
+                        bad.append((fid, c))
+            return good, bad
+
+        return await self._ctx.scheduler.cpu_call(work)
+
+
+def _mark_gone(gone: list[Layer]) -> None:
+    for layer in gone:
+        layer.complete = False  # evicted: reads go to the registry again

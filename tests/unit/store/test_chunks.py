@@ -1,0 +1,56 @@
+"""Chunk reads without FUSE (als.store.chunks through Layer.read): single-flight fetches,
+and the coalescing of the ranges fetched."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from als.ranges import merge as merge_ranges
+from als.store.config import StoreConfig
+from als.store.manager import LayerManager
+from tests.support.fakesource import FakeSource
+from tests.support.layers import BuiltLayer, make_layer
+
+REF = "registry.test/x:1"
+BIG = bytes(range(256)) * 4096  # 1 MiB
+
+
+@pytest.fixture
+def layer() -> BuiltLayer:
+    return make_layer({"a/big": BIG, "a/small": b"small"}, "estargz", chunk_size=256 * 1024)
+
+
+def manager(src: Any, **kw: Any) -> LayerManager:
+    return LayerManager(src, StoreConfig(**kw))
+
+
+async def test_concurrent_reads_fetch_each_chunk_once(layer: BuiltLayer) -> None:
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    m = manager(src)
+    lay = await m.lookup(REF, layer.digest)
+    big = lay.index.lookup("a/big")
+    assert big is not None
+    before = src.requests
+    results: list[bytes] = []
+
+    async def read() -> None:
+        results.append(await lay.read(big, 300_000, 4096))
+
+    async with trio.open_nursery() as n:
+        for _ in range(20):
+            n.start_soon(read)
+    assert results == [BIG[300_000:304_096]] * 20
+    assert src.requests - before == 1
+    assert await lay.read(big, 0, len(BIG) + 10) == BIG
+    assert await lay.read(big, len(BIG), 10) == b""
+
+
+def test_merge_ranges_with_a_gap() -> None:
+    assert merge_ranges([(10, 20), (0, 5), (25, 30)], 5) == [(0, 30)]
+    assert merge_ranges([(0, 5), (100, 110)], 10) == [(0, 5), (100, 110)]
+    assert merge_ranges([(0, 50), (10, 20)], 0) == [(0, 50)]
+    assert merge_ranges([], 10) == []

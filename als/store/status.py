@@ -1,7 +1,7 @@
 """The status document: what ``GET /status`` answers, and what metrics and ``als status`` read.
 
 The manager builds a :class:`StoreStatus` (one :class:`LayerStatus` per layer). Readers of the
-document (:mod:`als.store.metrics`, :mod:`als.status_cmd`, which gets it as JSON) read it
+document (:mod:`als.store.metrics`, :mod:`als.cli.status`, which gets it as JSON) read it
 defensively, so they also accept any mapping. Standard library only: ``als status`` must not
 need the store's dependencies.
 """

@@ -38,7 +38,7 @@ async def test_status_has_the_declared_fields(tmp_path: Path) -> None:
 
 def test_status_command_imports_no_store_module() -> None:
     code = (
-        "import sys, als.status_cmd; "
+        "import sys, als.cli.status; "
         "print(sorted(m for m in sys.modules if m.startswith(('als.store', 'trio'))))"
     )
     out = subprocess.run(

@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,11 +97,14 @@ def extract_index(
     dest: str | os.PathLike[str],
     *,
     whiteouts: str = "overlay",
+    opaque_xattrs: Sequence[str] = (TRUSTED_OPAQUE_XATTR,),
 ) -> ExtractStats:
     """Write the layer's tree under ``dest`` (created if missing).
 
-    ``whiteouts``: "overlay" (``.wh.X`` -> char device 0/0 named X, ``.wh..wh..opq`` ->
-    ``trusted.overlay.opaque=y`` on the directory) or "aufs" (``.wh.*`` files as in the tar).
+    ``whiteouts``: "overlay" (``.wh.X`` -> char device 0/0 named X, ``.wh..wh..opq`` -> each of
+    ``opaque_xattrs`` set to ``y`` on the directory: ``trusted.overlay.opaque`` for a rootful
+    overlay, ``user.overlay.opaque`` for one mounted with ``userxattr``) or "aufs" (``.wh.*``
+    files as in the tar).
     """
     if whiteouts not in ("overlay", "aufs"):
         raise ValueError(f"unknown whiteout format {whiteouts!r}")
@@ -112,14 +116,20 @@ def extract_index(
         raise ExtractError(f"cannot open destination {dest_path}: {exc.strerror}") from None
     dirs = _DirFds(index, root_fd)
     try:
-        return _extract(index, read, dirs, root_fd, whiteouts == "overlay")
+        opaque = tuple(opaque_xattrs) if whiteouts == "overlay" else ()
+        return _extract(index, read, dirs, root_fd, whiteouts == "overlay", opaque)
     finally:
         dirs.close()
         os.close(root_fd)
 
 
 def _extract(
-    index: LayerIndex, read: ReadRanges, dirs: _DirFds, root_fd: int, overlay: bool
+    index: LayerIndex,
+    read: ReadRanges,
+    dirs: _DirFds,
+    root_fd: int,
+    overlay: bool,
+    opaque_xattrs: tuple[str, ...],
 ) -> ExtractStats:
     stats = ExtractStats()
     as_root = os.geteuid() == 0
@@ -197,7 +207,8 @@ def _extract(
         # xattrs, opaque markers and times (creating children changed their mtimes).
         path = ""
         for d in opaque:
-            os.setxattr(dirs.get(d), TRUSTED_OPAQUE_XATTR, OPAQUE_VALUE)
+            for name in opaque_xattrs:
+                os.setxattr(dirs.get(d), name, OPAQUE_VALUE)
         if index.root_listed:
             dir_ids.append(0)
         for i in reversed(dir_ids):

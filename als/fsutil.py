@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -42,3 +44,23 @@ def remove_dir(path: Path) -> None:
             with contextlib.suppress(FileNotFoundError):
                 child.unlink()
         path.rmdir()
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree (symlinks in it are removed, never followed).
+
+    It is renamed to ``NAME.dead.<pid>.<ns>`` first, so it vanishes from its place at once even
+    if removing its files takes a while or is interrupted (a later scan finishes the job).
+    """
+    if not path.exists():
+        return
+    dead = path
+    if ".dead." not in path.name:
+        dead = path.with_name(f"{path.name.partition('.')[0]}.dead.{os.getpid()}.{time.time_ns()}")
+        try:
+            os.rename(path, dead)
+        except FileNotFoundError:
+            return
+        except OSError:
+            dead = path
+    shutil.rmtree(dead, ignore_errors=True)

@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="download whole layers in the background after start-up (default: on)",
     )
+    p.add_argument(
+        "--native-layers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="unpack complete layers into the cache for overlay to read directly (default: on)",
+    )
     p.add_argument("--metrics-listen", metavar="ADDR", help="serve /metrics on HOST:PORT too")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--debug-fuse", action="store_true", default=None, help="libfuse debug output")

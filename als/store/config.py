@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from als.errors import ConfigError
+from als.overlay import OPAQUE_XATTRS, TRUSTED_OPAQUE_XATTR, USER_OPAQUE_XATTR
 from als.paths import DEFAULT_ROOT, pool_dir
 
 
@@ -63,6 +65,14 @@ class StoreConfig:
     readahead_kb: int = 8192
     # Nearby compressed ranges closer than this are fetched in one request.
     coalesce_gap: int = 64 * 1024
+    # Once a layer's whole blob is in the cache and verified, unpack it into a directory of
+    # the cache and answer the pool's `diff` with a symlink to it (docs/cache.md): overlay
+    # mounts made afterwards read the local filesystem, not FUSE. Needs root.
+    native_layers: bool = True
+    # The xattr that marks an opaque directory for overlayfs: "trusted" (rootful overlay),
+    # "user" (overlay mounted with userxattr, rootless), "both", or "auto" (trusted when
+    # als-mount runs as root, else user), in the FUSE view and in native trees alike.
+    opaque_xattr: str = "auto"
     # Kernel cache timeouts (seconds): layer contents never change.
     layer_ttl: float = 3600.0
     store_ttl: float = 1.0
@@ -88,11 +98,28 @@ class StoreConfig:
         cfg = cls()
         for name, raw in values.items():
             setattr(cfg, name, _check(name, getattr(cfg, name), raw))
+        if cfg.opaque_xattr not in _OPAQUE_CHOICES:
+            raise ConfigError(
+                f"config option opaque_xattr must be one of {', '.join(_OPAQUE_CHOICES)}"
+            )
         return cfg
 
     @property
     def pool(self) -> Path:
         return pool_dir(self.root)
+
+    @property
+    def opaque_xattrs(self) -> tuple[str, ...]:
+        """The xattr names an opaque directory answers with ``y``."""
+        mode = self.opaque_xattr
+        if mode == "auto":
+            mode = "trusted" if os.geteuid() == 0 else "user"
+        if mode == "both":
+            return OPAQUE_XATTRS
+        return (TRUSTED_OPAQUE_XATTR,) if mode == "trusted" else (USER_OPAQUE_XATTR,)
+
+
+_OPAQUE_CHOICES = ("auto", "trusted", "user", "both")
 
 
 def _check(name: str, default: object, value: object) -> object:

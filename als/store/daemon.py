@@ -23,6 +23,7 @@ from als.paths import SOCKET_NAME
 from als.store.config import StoreConfig
 from als.store.control import serve_control
 from als.store.fs.operations import Operations
+from als.store.fs.underlay import Underlay
 from als.store.manager import LayerManager
 from als.store.metrics import Metrics
 from als.store.ports import Source
@@ -85,7 +86,13 @@ async def serve(
     # The cache (layer records, use counts) is open before the mount appears, so that podman's
     # existing links into the pool work from the first lookup after a restart.
     await manager.open()
-    ops = Operations(cfg, manager)
+    # The pool directory beneath the mount keeps native layers reachable when we are gone.
+    underlay = Underlay.open(cfg.pool)
+    ready = {os.fsdecode(t.tree) for t in manager.native.trees.values()}
+    removed = await manager.scheduler.disk_call(lambda: underlay.reconcile(ready))
+    if removed:
+        log.info("underlay-withdraw paths=%d (their trees are gone)", removed)
+    ops = Operations(cfg, manager, underlay)
     pyfuse3.init(ops, str(cfg.pool), fuse_options(cfg))
     clean = False
     try:
@@ -122,6 +129,7 @@ async def serve(
         sd_notify("STOPPING=1")
         pyfuse3.close(unmount=True)
         manager.close()
+        underlay.close()
         if not clean:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await manager.flush()

@@ -19,9 +19,15 @@ Protected = tuple[set[str], set[str]]
 
 
 class Evictor:
-    def __init__(self, ctx: StoreContext, protected: Callable[[], Protected]) -> None:
+    def __init__(
+        self,
+        ctx: StoreContext,
+        protected: Callable[[], Protected],
+        trees_removed: Callable[[list[str]], None] = lambda hexes: None,
+    ) -> None:
         self._ctx = ctx
         self._protected = protected
+        self._trees_removed = trees_removed
         self._evicting = False
 
     def after_write(self) -> None:
@@ -42,6 +48,8 @@ class Evictor:
             for _ in range(8):
                 protected = await scheduler.cpu_call(self._protected)
                 report = await scheduler.disk_call(partial(disk.evict, *protected))
+                if report.native_removed:
+                    self._trees_removed(report.native_removed)
                 log.info(
                     "cache-evict freed=%d items=%d remaining=%d limit=%d",
                     report.freed,

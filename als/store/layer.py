@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -60,6 +61,8 @@ class Layer:
     # fetching the same bytes again.
     bg_piece: tuple[int, int, trio.Event] | None = None
     ra: ReadAheadState = field(default_factory=ReadAheadState)
+    # The unpacked tree once the layer is native (als.store.native): overlay reads it directly.
+    native: Path | None = None
 
     @property
     def digest(self) -> str:
@@ -166,6 +169,7 @@ class Layer:
             "cached_bytes": cached,
             "cached_percent": round(100.0 * cached / size, 1) if size else 100.0,
             "complete": self.complete,
+            "native": self.native is not None,
             "background": BackgroundState.DONE if self.complete else self.background,
             "uses": uses,
             "entries": len(self.index),

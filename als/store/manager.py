@@ -26,6 +26,7 @@ from als.store.context import StoreContext
 from als.store.eviction import Evictor, Protected
 from als.store.layer import Layer, LayerServices
 from als.store.memcache import ChunkCache
+from als.store.native import NativeLayers
 from als.store.ports import MetricsSink, Source
 from als.store.prefetch import Prefetcher
 from als.store.readahead import ReadAhead
@@ -57,7 +58,8 @@ class LayerManager:
             memory=ChunkCache(cfg.memory_cache_mb * 1024 * 1024),
             metrics=metrics,
         )
-        self.evictor = Evictor(ctx, self._protected)
+        self.native = NativeLayers(ctx)
+        self.evictor = Evictor(ctx, self._protected, self._trees_removed)
         self.scheduler.on_write = self.evictor.after_write
         chunks = ChunkLoader(ctx)
         readahead = ReadAhead(ctx, chunks)
@@ -69,7 +71,7 @@ class LayerManager:
             prefetcher=Prefetcher(ctx, chunks),
             background=BackgroundFetcher(ctx, self.evictor),
         )
-        self.resolver = Resolver(services, _warm_up)
+        self.resolver = Resolver(services, self._warm_up)
         self.layers = self.resolver.layers  # by blob digest
         self.uses: dict[tuple[str, str], int] = {}
         self.started = time.monotonic()
@@ -121,6 +123,7 @@ class LayerManager:
 
         self.resolver.records, self.uses = await self.scheduler.disk_call(load)
         self.ctx.disk = disk
+        await self.native.open()
         log.info(
             "cache-open dir=%s bytes=%d limit=%d layers=%d in-use=%d",
             disk.dir,
@@ -226,7 +229,17 @@ class LayerManager:
                 dropped += 1
         return dropped
 
+    async def _warm_up(self, layer: Layer) -> None:
+        """A new layer: prefetch what readers will want first, download the rest, go native."""
+        if not layer.complete:
+            await layer.prefetch()
+            await layer.background_fetch()
+        await self.native.ensure(layer)
+
     # -- eviction -------------------------------------------------------------------------------
+
+    def _trees_removed(self, hexes: list[str]) -> None:
+        self.native.removed(self.layers, hexes)
 
     async def evict(self) -> None:
         await self.evictor.evict()
@@ -281,9 +294,3 @@ class LayerManager:
             "fetched_bytes": self.fetched_bytes,
             "layers": [layer.status(counts.get(d, 0)) for d, layer in sorted(self.layers.items())],
         }
-
-
-async def _warm_up(layer: Layer) -> None:
-    """A new layer: prefetch what readers will want first, then download the rest."""
-    await layer.prefetch()
-    await layer.background_fetch()

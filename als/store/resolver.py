@@ -74,7 +74,7 @@ class Resolver:
     ) -> None:
         self._services = services
         self._ctx = services.ctx
-        self._warm_up = warm_up  # started for each new layer that is not complete
+        self._warm_up = warm_up  # started for each new layer
         self.layers: dict[str, Layer] = {}  # by blob digest
         self.by_path: dict[tuple[str, str], str] = {}  # (ref, path digest) -> blob digest
         self.records: dict[str, str] = {}  # blob or TOC digest -> blob digest, on disk
@@ -324,8 +324,8 @@ class Resolver:
             self.records[rec.blob_digest] = rec.blob_digest
             self.records[rec.toc_digest] = rec.blob_digest
         self.layers[rec.blob_digest] = layer
-        if not layer.complete:
-            self._ctx.scheduler.spawn(lambda: self._warm_up(layer))
+        # Prefetch and download what is missing; a complete layer goes native.
+        self._ctx.scheduler.spawn(lambda: self._warm_up(layer))
         return layer
 
 

@@ -31,6 +31,7 @@ class LayerStatus(TypedDict):
     cached_bytes: int
     cached_percent: float
     complete: bool
+    native: bool  # unpacked into the cache: overlay mounts made now read it directly
     background: str  # a BackgroundState value (als.store.background)
     uses: int  # podman's use count
     entries: int

@@ -53,8 +53,9 @@ def wait(cond: Callable[[], bool], limit: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["fuse", "native"])
 @pytest.mark.parametrize("fmt", ["estargz", "zstd-chunked"])
-def test_restart_serves_the_complete_layer_offline(tmp_path: Path, fmt: str) -> None:
+def test_restart_serves_the_complete_layer_offline(tmp_path: Path, fmt: str, native: bool) -> None:
     layer = make_layer(FILES, fmt, chunk_size=128 * 1024)
     src = FakeSource()
     src.add_image(REF, [layer])
@@ -66,8 +67,13 @@ def test_restart_serves_the_complete_layer_offline(tmp_path: Path, fmt: str) -> 
         wait(lambda: mgr.layers[layer.digest].complete)
     src.fail_all = True
     requests = src.requests
-    with ThreadMount(root, src) as m:
+    with ThreadMount(root, src, native_layers=native) as m:
         diff = m.layer_dir(REF, layer.digest) / "diff"
+        if native:  # served from the tree unpacked in the cache once the layer is native
+            os.stat(diff)
+            wait(lambda: m.ops.manager.layers[layer.digest].native is not None)
+            wait(diff.is_symlink)
+        assert diff.is_symlink() == native
         assert sums(diff) == EXPECTED
         tar = subprocess.run(
             ["tar", "-cf", "-", "."], cwd=diff, capture_output=True, check=True, timeout=120

@@ -14,17 +14,18 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from als.digest import hex_of
-from als.fsutil import remove_dir, write_atomic
+from als.fsutil import remove_dir, remove_tree, write_atomic
 from als.store.cache.ingest import Ingest
 from als.store.cache.records import (
     LayerRecord,
@@ -61,6 +62,7 @@ class EvictReport:
     removed: int = 0
     protected_removed: int = 0
     remaining: int = 0
+    native_removed: list[str] = field(default_factory=list)  # hex digests of removed trees
 
 
 class DiskCache:
@@ -83,7 +85,7 @@ class DiskCache:
     # -- set-up ---------------------------------------------------------------------------------
 
     def open(self) -> None:
-        for sub in ("blobs/sha256", "ingest", "chunks/sha256", "layers", "tmp"):
+        for sub in ("blobs/sha256", "ingest", "chunks/sha256", "layers", "native", "tmp"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         # Files under tmp/ belong to writes that never finished (ours, or a crashed process's).
@@ -114,6 +116,13 @@ class DiskCache:
                         size += st.st_blocks * 512 if p.name == "data" else st.st_size
                         mtime = max(mtime, st.st_mtime)
                 units[f"{kind}/{d.name}"] = _Unit(size, mtime, d.name, mtime)
+        # Unpacked trees (als.store.native): their size is in the marker written last; a tree
+        # without one (being made, or left half-made) is not counted.
+        for d in _dirs(self.dir / "native"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                st = (d / "ready").stat()
+                size = int(json.loads((d / "ready").read_bytes())["bytes"])
+                units[f"native/{d.name}"] = _Unit(size, st.st_mtime, d.name, st.st_mtime)
         with self._lock:
             self._units = units
             self.total = sum(u.size for u in units.values())
@@ -360,7 +369,8 @@ class DiskCache:
     def evict(self, protected_layers: set[str], protected_chunks: set[str]) -> EvictReport:
         """Remove least recently used data until the cache is under its limit (with margin).
 
-        Data of protected layers (podman uses them) goes last, and only if nothing else is left.
+        Data of protected layers (podman uses them) goes last, and only if nothing else is left;
+        the unpacked tree of a protected layer never goes (an overlay mount may read it).
         """
         report = EvictReport()
         if self.limit <= 0:
@@ -380,10 +390,14 @@ class DiskCache:
                     break
                 if is_protected(key, u) != pass_protected or key not in self._units:
                     continue
+                if pass_protected and key.startswith("native/"):
+                    continue
                 if self._remove(key):
                     report.freed += u.size
                     report.removed += 1
                     report.protected_removed += pass_protected
+                    if key.startswith("native/"):
+                        report.native_removed.append(key.partition("/")[2])
         report.remaining = self.total
         if report.protected_removed:
             log.warning(
@@ -417,6 +431,8 @@ class DiskCache:
                     os.close(fd)
             elif kind == "layers":
                 remove_dir(self.dir / "layers" / name)
+            elif kind == "native":
+                remove_tree(self.dir / "native" / name)
         except FileNotFoundError:
             pass
         except OSError as exc:

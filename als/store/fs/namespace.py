@@ -35,6 +35,7 @@ class NodeKind(enum.StrEnum):
     LAYERDIR = "layerdir"  # protocol 2: <ref>/<digest>, holding diff, info and blob
     INFO = "info"  # <ref>/<digest>/info, the containers/storage Layer JSON
     BLOB = "blob"  # <ref>/<digest>/blob, the compressed layer blob
+    NATIVE = "native"  # <ref>/<digest>/diff of a native layer: a symlink to its unpacked tree
 
     @property
     def is_file(self) -> bool:

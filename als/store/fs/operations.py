@@ -24,7 +24,7 @@ from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, FUSEError, InodeT
 from als.digest import is_digest
 from als.errors import AlsError
 from als.formats import EntryType
-from als.overlay import OPAQUE_XATTRS
+from als.overlay import OPAQUE_VALUE
 from als.store.config import StoreConfig
 from als.store.fs.layerlink import link_layer_id
 from als.store.fs.namespace import (
@@ -45,6 +45,8 @@ from als.store.fs.protocol import (
     parse_ref_segment,
     parse_rootfs_name,
 )
+from als.store.fs.underlay import Underlay
+from als.store.layer import Layer
 from als.store.manager import LayerManager
 
 log = logging.getLogger(__name__)
@@ -103,13 +105,19 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, cfg: StoreConfig, manager: LayerManager) -> None:
+    def __init__(
+        self, cfg: StoreConfig, manager: LayerManager, underlay: Underlay | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.manager = manager
+        self.underlay = underlay
+        self._published: set[tuple[str, str]] = set()
         self.ns = Namespace()
         self.internal_errors = 0
         self._attrs: dict[int, tuple[Instance, EntryAttributes]] = {}
+        self._opaque_xattrs = cfg.opaque_xattrs
+        manager.native.listeners.append(self.native_changed)
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -118,7 +126,11 @@ class Operations(pyfuse3.Operations):
         a.st_ino = InodeT(node.inode)
         a.entry_timeout = self.cfg.store_ttl
         a.attr_timeout = self.cfg.store_ttl
-        if node.kind.is_file:
+        if node.kind == NodeKind.NATIVE:
+            a.st_mode = stat.S_IFLNK | 0o777
+            a.st_nlink = 1
+            a.st_size = len(self._native_target(node))
+        elif node.kind.is_file:
             a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
             if node.kind == NodeKind.INFO:
@@ -134,6 +146,11 @@ class Operations(pyfuse3.Operations):
         a.st_blocks = (a.st_size + 511) // 512
         return a
 
+    @staticmethod
+    def _native_target(node: StoreNode) -> bytes:
+        tree = node.layer.native if node.layer is not None else None
+        return os.fsencode(tree) if tree is not None else b""
+
     def _layer_attr(self, inst: Instance, entry_id: int) -> EntryAttributes:
         index = inst.layer.index
         e = index.entry(entry_id)
@@ -143,10 +160,13 @@ class Operations(pyfuse3.Operations):
         a.attr_timeout = self.cfg.layer_ttl
         a.st_blksize = 4096
         if is_whiteout_entry(index, entry_id):
-            # overlayfs whiteout: a character device 0/0.
+            # overlayfs whiteout: a character device 0/0, owned as in the tar (as a normal
+            # pull unpacks it).
             a.st_mode = stat.S_IFCHR
             a.st_nlink = 1
             a.st_rdev = 0
+            a.st_uid = e.uid
+            a.st_gid = e.gid
             a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = e.mtime_ns
             return a
         a.st_mode = _TYPE_BITS[e.type] | (e.mode & 0o7777)
@@ -230,6 +250,8 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if name == b"..":
             return self._counted(self._attr(parent.parent))
+        if parent.kind == NodeKind.LAYERDIR and name == b"diff":
+            return self._counted(self._diff(parent))
         inode = parent.children.get(name)
         if inode is not None and inode in self.ns.nodes:
             return self._counted(self._store_attr(self.ns.nodes[inode]))
@@ -262,12 +284,6 @@ class Operations(pyfuse3.Operations):
             return self._store_attr(node)
         if parent.kind == NodeKind.LAYERDIR:
             assert parent.layer is not None
-            if name == b"diff":
-                inst = parent.instances.get(b"diff")
-                if inst is None or inst.number not in ns.instances:
-                    inst = ns.new_instance(parent.layer, parent.inode)
-                    parent.instances[b"diff"] = inst
-                return self._layer_attr(inst, 0)
             if name in (b"info", b"blob"):
                 node = ns.add_node(
                     parent,
@@ -288,6 +304,80 @@ class Operations(pyfuse3.Operations):
                 anns = (*(a for a in parent.annotations if a[0] != ann[0]), ann)
                 return self._store_attr(ns.add_node(parent, name, NodeKind.ANN, annotations=anns))
         raise FUSEError(errno.ENOENT)
+
+    def _diff(self, parent: StoreNode) -> EntryAttributes:
+        """A layer dir's ``diff``: a symlink to the unpacked tree once the layer is native (new
+        overlay mounts then read the local filesystem), else the layer's tree served here."""
+        layer = parent.layer
+        assert layer is not None
+        ns = self.ns
+        old = ns.nodes.get(parent.children.get(b"diff", 0))
+        if layer.native is not None:
+            self._publish(parent)
+            if old is None or old.kind != NodeKind.NATIVE:
+                old = ns.add_node(
+                    parent,
+                    b"diff",
+                    NodeKind.NATIVE,
+                    ref=parent.ref,
+                    digest=parent.digest,
+                    layer=layer,
+                )
+            return self._store_attr(old)
+        if old is not None:
+            del parent.children[b"diff"]  # the tree went away: serve the layer again
+        inst = parent.instances.get(b"diff")
+        if inst is None or inst.number not in ns.instances:
+            inst = ns.new_instance(layer, parent.inode)
+            parent.instances[b"diff"] = inst
+        attr = self._layer_attr(inst, 0)
+        # The name may soon lead to a symlink instead (an invalidation racing this reply could
+        # be lost): the kernel keeps it briefly, the tree's own entries for layer_ttl.
+        attr.entry_timeout = self.cfg.store_ttl
+        return attr
+
+    def native_changed(self, layer: Layer) -> None:
+        """A layer's tree appeared or went away: the kernel must ask for its ``diff`` again,
+        and the underlay follows."""
+        for node in list(self.ns.nodes.values()):
+            if node.kind == NodeKind.LAYERDIR and node.layer is layer:
+                pyfuse3.invalidate_entry_async(InodeT(node.inode), b"diff", ignore_enoent=True)
+                if layer.native is not None:
+                    self._publish(node)
+        if layer.native is None and self.underlay is not None:
+            self._published = {k for k in self._published if k[1] not in _digests(layer)}
+            ready = {os.fsdecode(t.tree) for t in self.manager.native.trees.values()}
+            self.manager.scheduler.spawn(lambda: self._underlay_call(self._reconcile, ready))
+
+    def _publish(self, node: StoreNode) -> None:
+        """Write the underlay entries of a native layer's pool path (once, in a disk thread)."""
+        layer, underlay, disk = node.layer, self.underlay, self.manager.disk
+        key = (node.ref, node.digest)
+        if layer is None or layer.native is None or underlay is None or disk is None:
+            return
+        if key in self._published:
+            return
+        self._published.add(key)
+        tree, info = layer.native, info_json(layer.info, node.digest)
+        blob = disk.blob_file(layer.digest.partition(":")[2])
+
+        def publish() -> None:
+            if underlay.publish(node.ref, node.digest, tree, info, blob):
+                log.info("underlay-publish ref=%s digest=%s", node.ref, node.digest)
+
+        self.manager.scheduler.spawn(lambda: self._underlay_call(publish))
+
+    def _reconcile(self, ready: set[str]) -> None:
+        assert self.underlay is not None
+        removed = self.underlay.reconcile(ready)
+        if removed:
+            log.info("underlay-withdraw paths=%d", removed)
+
+    async def _underlay_call(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            await self.manager.scheduler.disk_call(lambda: fn(*args))
+        except OSError as exc:
+            log.warning("underlay: %s", exc)
 
     async def _lookup_rootfs(
         self, parent: StoreNode, name: bytes, layer_id: str
@@ -328,7 +418,7 @@ class Operations(pyfuse3.Operations):
             inst, dir_id = self._instance(inode)
             if inst.layer.index.entry(dir_id).type != EntryType.DIR:
                 raise FUSEError(errno.ENOTDIR)
-        elif self._node(inode).kind.is_file:
+        elif self._node(inode).kind.is_file or self._node(inode).kind == NodeKind.NATIVE:
             raise FUSEError(errno.ENOTDIR)
         return FileHandleT(inode)
 
@@ -346,11 +436,18 @@ class Operations(pyfuse3.Operations):
 
     def _store_entries(self, node: StoreNode, start: int) -> list[tuple[bytes, int, int]]:
         """``(name, inode, next offset)`` of a store directory: the offset is the inode."""
-        live = [(i, n) for n, i in node.children.items() if i in self.ns.nodes]
+        native = node.kind == NodeKind.LAYERDIR and node.layer is not None and node.layer.native
+        if native and b"diff" not in node.children:
+            self._diff(node)  # its symlink, before the kernel asked for it by name
+        live = [
+            (i, n)
+            for n, i in node.children.items()
+            if i in self.ns.nodes and (native or self.ns.nodes[i].kind != NodeKind.NATIVE)
+        ]
         live += [
             (inst.root_inode, n)
             for n, inst in node.instances.items()
-            if inst.number in self.ns.instances
+            if inst.number in self.ns.instances and not (native and n == b"diff")
         ]
         return [
             (name, inode, inode)
@@ -440,7 +537,11 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> bytes:
         if not is_layer_inode(inode):
-            raise FUSEError(errno.EINVAL)
+            node = self._node(inode)
+            target = self._native_target(node) if node.kind == NodeKind.NATIVE else b""
+            if not target:
+                raise FUSEError(errno.EINVAL if node.kind != NodeKind.NATIVE else errno.ENOENT)
+            return target
         inst, entry_id = self._instance(inode)
         e = inst.layer.index.entry(entry_id)
         if e.type != EntryType.SYMLINK:
@@ -460,8 +561,8 @@ class Operations(pyfuse3.Operations):
         e = index.entry(entry_id)
         out = {k.encode("utf-8", "surrogateescape"): v for k, v in e.xattrs.items()}
         if e.type == EntryType.DIR and self.ns.listing(inst, entry_id).opaque:
-            for name in OPAQUE_XATTRS:
-                out[name.encode()] = b"y"
+            for name in self._opaque_xattrs:
+                out[name.encode()] = OPAQUE_VALUE
         return out
 
     @_guard
@@ -535,3 +636,7 @@ class Operations(pyfuse3.Operations):
     # raises FUSEError, which _guard would pass through unchanged), and mypy checks it against
     # each pyfuse3.Operations signature it overrides.
     mkdir = mknod = unlink = symlink = rename = link = write = setxattr = removexattr = _read_only
+
+
+def _digests(layer: Layer) -> set[str]:
+    return {layer.digest, layer.info.toc_digest}

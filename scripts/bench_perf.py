@@ -17,12 +17,16 @@ eStargz without, and zstd:chunked, pushed to a local docker-registry.
    extracted on a tmpfs, and next to ``curl blob | gzip -dc | tar -x`` from the same registry.
 4. ``memory``: the daemon's RSS idle, with every layer of the workload walked, after reading
    every file, and per 10,000 entries.
+5. ``steady``: after a lazy pull with background fetch on, once every layer is native, a new
+   container's root (``podman create`` + ``podman mount``): warm metadata walk and warm read of
+   every file, against the same image pulled normally; then with als-mount killed and its
+   mount removed, ``podman run`` of the image and a read of every file of a new container.
 
 Needs root, podman, fusermount3, docker-registry, curl; the large workload needs Debian's
 archive the first time it is built. Prints JSON lines on stdout, a Markdown table on stderr,
 and writes results.jsonl, results.md and lazy-start.png (matplotlib, if installed) to --out.
 Usage: bench_perf.py [--quick] [--repeat N] [--workloads small,large] [--netem]
-                     [--only lazy,fs,memory] [--out DIR] [--json-only]
+                     [--only lazy,fs,memory,steady] [--out DIR] [--json-only]
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ TARGETS: dict[tuple[str, str, str], tuple[str, float, str]] = {
     ("*", "*", "fs.walk_warm.seconds"): ("<=", 2.0, "<= 2x tmpfs"),
     ("*", "*", "fs.largest_warm.throughput"): (">=", 1000.0, ">= 1 GB/s"),
     ("large", "*", "memory.rss_walked"): ("<", 80.0, "< 80 MB"),
+    # Issue 16: once layers are native, a new container reads like a normally pulled one.
+    ("*", "*", "steady.walk_warm.seconds"): ("<=", 1.1, "<= 1.1x normal pull"),
+    ("*", "*", "steady.read_warm.seconds"): ("<=", 1.1, "<= 1.1x normal pull"),
 }
 
 
@@ -495,12 +502,14 @@ class Env:
         self.n += 1
         return self.work / f"{prefix}-{self.n}"
 
-    def als(self, *, background: bool) -> Any:
+    def als(self, *, background: bool, extra: str = "") -> Any:
         from tests.support.mount import ProcessMount
 
         root = self.fresh("als")
         cfg = self.work / f"{root.name}.toml"
-        cfg.write_text(f'background_fetch = {str(background).lower()}\nlog_level = "info"\n')
+        cfg.write_text(
+            f'background_fetch = {str(background).lower()}\nlog_level = "info"\n' + extra
+        )
         m = ProcessMount(
             root, "--config", str(cfg), "--registries-conf", str(self.conf), "--log-level", "info"
         )
@@ -907,6 +916,123 @@ def bench_memory(env: Env, w: Workload, variant: str, out: Output) -> None:
     )
 
 
+# --- 5: steady state (native layers) ----------------------------------------------------------
+
+
+def wait_native(root: Path, digests: Sequence[str], timeout: float = 900) -> float:
+    """Seconds until every layer is native (als status), or SystemExit."""
+    from als.cli.status import StatusError, fetch_status
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        with contextlib.suppress(StatusError):
+            native = {x["digest"] for x in fetch_status(root)["layers"] if x.get("native")}
+            if set(digests) <= native:
+                return time.monotonic() - t0
+        time.sleep(0.5)
+    raise SystemExit(f"{NAME}: layers not native after {timeout:.0f} s")
+
+
+def container_root(pm: Any, ref: str) -> Path:
+    from tests.support.podman import RUN_FLAGS
+
+    cid = pm("create", *RUN_FLAGS, ref, "true").stdout.strip()
+    return Path(pm("mount", cid).stdout.strip())
+
+
+def warm(cmd: str, tree: Path) -> float:
+    sh(cmd, tree)
+    return min(sh(cmd, tree) for _ in range(3))
+
+
+def bench_steady(env: Env, w: Workload, variant: str, out: Output) -> None:
+    from tests.support.mount import force_unmount
+
+    ref = ref_of(env, w, variant)
+    digests = [x.digest for x in w.layers[variant]]
+    normal = env.podman(None)
+    als = env.als(background=True, extra="background_delay = 0.0\n")
+    pm = env.podman(als.pool)
+    try:
+        out.say(f"steady {w.name}: normal pull of gzip ...")
+        normal.pull(ref_of(env, w, "gzip"))
+        base = container_root(normal, ref_of(env, w, "gzip"))
+        b_walk, b_read = warm(WALK, base), warm(READ_ALL, base)
+        out.say(f"steady {w.name}: {variant} through als, waiting for native layers ...")
+        pm.pull(ref)
+        took = wait_native(als.root, digests)
+        tree = container_root(pm, ref)
+        links = [os.path.realpath(x) for x in pm.layer_diff_links().values()]
+        if not links or not all(x.startswith(str(als.root / "cache" / "native")) for x in links):
+            raise SystemExit(f"{NAME}: podman's layers do not resolve to native trees: {links}")
+        walk, read = warm(WALK, tree), warm(READ_ALL, tree)
+        assert als.proc is not None
+        als.proc.kill()
+        als.proc.wait()
+        force_unmount(als.pool)
+        got = pm.run(ref, *w.command)
+        killed_ok = w.expect in got.stdout
+        killed_read = sh(READ_ALL, container_root(pm, ref))
+    finally:
+        env.drop_podman(pm)
+        env.drop_podman(normal)
+        env.drop_als(als)
+    note = "a new container's root, every layer"
+    out.add(
+        make_row(
+            "steady",
+            w.name,
+            variant,
+            "steady.native_after.seconds",
+            took,
+            "s",
+            note="from the end of the pull until every layer is native",
+        )
+    )
+    out.add(
+        make_row(
+            "steady",
+            w.name,
+            variant,
+            "steady.walk_warm.seconds",
+            walk,
+            "s",
+            b_walk,
+            "normal pull",
+            note=note,
+        )
+    )
+    out.add(
+        make_row(
+            "steady",
+            w.name,
+            variant,
+            "steady.read_warm.seconds",
+            read,
+            "s",
+            b_read,
+            "normal pull",
+            note=note,
+        )
+    )
+    out.add(
+        make_row(
+            "steady",
+            w.name,
+            variant,
+            "steady.killed_read.seconds",
+            killed_read,
+            "s",
+            b_read,
+            "normal pull (warm)",
+            note=f"als-mount killed, mount removed; podman run {'ok' if killed_ok else 'FAILED'}",
+            run_ok=killed_ok,
+        )
+    )
+    if not killed_ok:
+        raise SystemExit(f"{NAME}: podman run without the store printed {got.stdout!r}")
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -940,8 +1066,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workloads", default=None, help="comma list: small,large")
     ap.add_argument(
         "--only",
-        default="lazy,fs,memory",
-        help="comma list of lazy, fs, memory (netem comes with --netem)",
+        default="lazy,fs,memory,steady",
+        help="comma list of lazy, fs, memory, steady (netem comes with --netem)",
     )
     ap.add_argument(
         "--netem",
@@ -964,7 +1090,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ]
     args.only = [x for x in args.only.split(",") if x]
     bad = [x for x in args.workloads if x not in ("small", "large")] + [
-        x for x in args.only if x not in ("lazy", "fs", "memory")
+        x for x in args.only if x not in ("lazy", "fs", "memory", "steady")
     ]
     if bad:
         ap.error(f"unknown workload or part: {', '.join(bad)}")
@@ -1043,6 +1169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench_fs(env, w, fs_variants, out)
             if "memory" in args.only:
                 bench_memory(env, w, "estargz", out)
+            if "steady" in args.only:
+                bench_steady(env, w, "estargz-prio", out)
     finally:
         if env is not None:
             env.close()

@@ -27,6 +27,7 @@ from als.store.fs.underlay import Underlay
 from als.store.manager import LayerManager
 from als.store.metrics import Metrics
 from als.store.ports import Source
+from als.store.status import StoreStatus
 
 log = logging.getLogger("als.daemon")
 
@@ -82,7 +83,15 @@ async def serve(
 ) -> None:
     """Mount and serve until SIGTERM/SIGINT (or ``pyfuse3.terminate()``), then unmount."""
     manager = LayerManager(source, cfg)
-    metrics = manager.metrics = Metrics(manager.status)
+    ops: Operations | None = None
+
+    def status() -> StoreStatus:
+        doc = manager.status()
+        if ops is not None:
+            doc["fuse_requests"] = dict(ops.requests)
+        return doc
+
+    metrics = manager.metrics = Metrics(status)
     # The cache (layer records, use counts) is open before the mount appears, so that podman's
     # existing links into the pool work from the first lookup after a restart.
     await manager.open()
@@ -111,7 +120,7 @@ async def serve(
             await nursery.start(
                 functools.partial(
                     serve_control,
-                    manager.status,
+                    status,
                     metrics,
                     socket_path=Path(cfg.status_socket or cfg.root / SOCKET_NAME),
                     listen=cfg.metrics_listen,

@@ -127,6 +127,14 @@ class _StatusCollector(Collector):
             value=0.0 if cache.get("degraded") is None else 1.0,
         )
 
+        requests = CounterMetricFamily(
+            "als_fuse_requests", "FUSE requests answered, by operation", labels=["op"]
+        )
+        fuse: Mapping[str, Any] = status.get("fuse_requests") or {}
+        for op, n in sorted(fuse.items()):
+            requests.add_metric([str(op)], _num(n))
+        yield requests
+
         layers = [la for la in status.get("layers") or [] if isinstance(la, Mapping)]
         yield GaugeMetricFamily("als_layers", "Layers the store knows about", value=len(layers))
         per_layer = (
@@ -134,6 +142,7 @@ class _StatusCollector(Collector):
             (GaugeMetricFamily, "als_layer_cached_bytes", "Blob bytes cached", "cached_bytes"),
             (GaugeMetricFamily, "als_layer_uses", "Mounts using the layer", "uses"),
             (GaugeMetricFamily, "als_layer_complete", "1 if fully cached", "complete"),
+            (GaugeMetricFamily, "als_layer_native", "1 if unpacked for overlay", "native"),
             (CounterMetricFamily, "als_layer_read_errors", "Reads that failed", "read_errors"),
         )
         for family_type, name, doc, key in per_layer:

@@ -10,7 +10,7 @@ layer's tree is unpacked (every file verified again against the TOC as it is wri
     CACHE/native/<hex>/ready    written last: what the tree is (blob and TOC digest, bytes,
                                 entries, opaque xattrs). A tree without it is never served.
 
-A tree is made under ``CACHE/native/<hex>.partial.<pid>`` and renamed into place, so a kill
+A tree is made under ``CACHE/native/<hex>.partial.<pid>.<ns>`` and renamed into place, so a kill
 while unpacking leaves nothing that looks ready; the next start removes such leftovers. The
 FUSE layer then answers the pool's ``diff`` of the layer with a symlink to the tree (see
 :mod:`als.store.fs.operations`). Trees count against the cache limit and are evicted like
@@ -114,7 +114,7 @@ def scan(disk: DiskCache) -> dict[str, NativeTree]:
                 path.unlink()
             continue
         if ".partial." in name or ".dead." in name:
-            pid = name.rpartition(".")[2]
+            pid = name.split(".")[2] if name.count(".") >= 2 else ""
             if ".dead." in name or not _alive(pid):
                 remove_tree(path)
             continue
@@ -138,8 +138,7 @@ def unpack(
     hexd = hex_of(blob_digest)
     base = disk.dir / NATIVE_DIR
     final = base / hexd
-    partial = base / f"{hexd}.partial.{os.getpid()}"
-    remove_tree(partial)
+    partial = base / f"{hexd}.partial.{os.getpid()}.{time.time_ns()}"
     base.mkdir(exist_ok=True)
     partial.mkdir(mode=0o700)
     try:

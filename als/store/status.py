@@ -40,7 +40,12 @@ class LayerStatus(TypedDict):
     last_error: str | None
 
 
-class StoreStatus(TypedDict):
+class _DaemonFields(TypedDict, total=False):
+    # FUSE requests answered, by operation (added by the daemon, which owns the FUSE layer)
+    fuse_requests: dict[str, int]
+
+
+class StoreStatus(_DaemonFields):
     version: str
     pid: int
     root: str

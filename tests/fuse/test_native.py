@@ -216,3 +216,19 @@ def test_a_used_layer_keeps_its_tree_under_any_limit(tmp_path: Path) -> None:
         assert tree is not None and (tree / "srv/new").read_bytes() == b"fresh"
         marker = json.loads((tree.parent / "ready").read_bytes())
         assert marker["blob"] == layer.digest and marker["toc"] == layer.toc_digest
+
+
+def test_names_a_layer_lacks_are_remembered_by_the_kernel(tmp_path: Path) -> None:
+    layer = make_layer(SPEC, "estargz")
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    with ThreadMount(tmp_path / "als", src) as m:
+        diff = m.layer_dir(REF, layer.digest) / "diff"
+        assert (diff / "etc/os-release").exists() and (diff / "usr/lib").is_dir()
+        before = m.ops.requests["lookup"]
+        for _ in range(5):
+            assert not (diff / "etc/missing.so").exists()
+            assert not (diff / "usr/lib/python3.11/nothere.py").exists()
+        # One lookup per missing name (etc/missing.so; usr/lib/python3.11 itself is missing,
+        # so the walk stops there): the kernel keeps the negative entries for layer_ttl.
+        assert m.ops.requests["lookup"] - before == 2

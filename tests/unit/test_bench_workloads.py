@@ -251,7 +251,9 @@ def test_chart_draws_the_lazy_rows(tmp_path: Path) -> None:
 
 def test_parse_args_quick_and_defaults() -> None:
     q = bp.parse_args(["--quick"])
-    assert q.repeat == 1 and q.workloads == ["small"] and q.only == ["lazy", "fs", "memory"]
+    assert (
+        q.repeat == 1 and q.workloads == ["small"] and q.only == ["lazy", "fs", "memory", "steady"]
+    )
     assert q.out.name == "quick"
     full = bp.parse_args(["--out", "/x", "--only", "fs", "--repeat", "0"])
     assert full.workloads == ["small", "large"] and full.only == ["fs"] and full.repeat == 1

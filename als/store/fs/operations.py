@@ -9,6 +9,7 @@ nothing else.)
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -73,7 +74,10 @@ def _guard(
 ) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
     """Translate every failure into a FUSE errno; log what is not a plain FUSEError."""
 
+    name = fn.__name__
+
     async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        self.requests[name] += 1
         try:
             return await fn(self, *args, **kwargs)
         except FUSEError:
@@ -115,8 +119,16 @@ class Operations(pyfuse3.Operations):
         self._published: set[tuple[str, str]] = set()
         self.ns = Namespace()
         self.internal_errors = 0
+        #: FUSE requests answered, by operation (the status document's ``fuse_requests``).
+        self.requests: collections.Counter[str] = collections.Counter()
         self._attrs: dict[int, tuple[Instance, EntryAttributes]] = {}
         self._opaque_xattrs = cfg.opaque_xattrs
+        # A name a layer lacks: inode 0 tells the kernel to remember the miss (a negative
+        # dentry) for layer_ttl, so a program probing paths (an interpreter's import path, a
+        # loader's library path) asks once per name, not on every start.
+        self._negative = EntryAttributes()
+        self._negative.st_ino = InodeT(0)
+        self._negative.entry_timeout = cfg.layer_ttl
         manager.native.listeners.append(self.native_changed)
 
     # -- attributes -----------------------------------------------------------------------------
@@ -222,6 +234,8 @@ class Operations(pyfuse3.Operations):
     def _counted(self, attr: EntryAttributes) -> EntryAttributes:
         """Count one kernel lookup of the returned inode."""
         inode = int(attr.st_ino)
+        if inode == 0:
+            return attr  # a negative entry: nothing for the kernel to forget
         if is_layer_inode(inode):
             self.ns.instances[split_inode(inode)[0]].lookups += 1
         else:
@@ -243,7 +257,8 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.ENOTDIR)
             found = resolve_child(index, dir_id, name.decode("utf-8", "surrogateescape"))
             if found is None:
-                raise FUSEError(errno.ENOENT)
+                return self._negative
+
             cid, _ = found
             target = index.entry(cid).target
             return self._counted(self._layer_attr(inst, target if target >= 0 else cid))
@@ -398,6 +413,7 @@ class Operations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         # forget must never raise (not even FUSEError).
+        self.requests["forget"] += 1
         for inode, n in inode_list:
             try:
                 self.ns.forget(int(inode), n)

@@ -76,7 +76,7 @@ def test_restart_removes_what_is_not_ready(tmp_path: Path) -> None:
     tree = unpack(disk, index_of(layer), layer.digest, ("trusted.overlay.opaque",))
     base = disk.dir / "native"
     # A kill while unpacking: a partial dir of a dead process, and one without its marker.
-    (base / f"{'1' * 64}.partial.999999999" / TREE).mkdir(parents=True)
+    (base / f"{'1' * 64}.partial.999999999.1" / TREE).mkdir(parents=True)
     (base / ("2" * 64) / TREE).mkdir(parents=True)
     # A marker that names another blob is not trusted either.
     other = base / ("3" * 64)

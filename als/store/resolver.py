@@ -66,6 +66,23 @@ class _Negative:
     reason: str
 
 
+@dataclass(frozen=True)
+class _Manifest:
+    """A resolved image as cached: when its fetch started, until when it is used, the image."""
+
+    fetched: float
+    expires: float
+    image: ResolvedImageLike
+
+
+def _layer_of(image: ResolvedImageLike, digest: str) -> LayerDescriptor | None:
+    """The layer whose blob digest or TOC digest is ``digest`` (the two podman dialects)."""
+    for d in image.layers:
+        if d.digest == digest or toc_digest_of(d.annotations) == digest:
+            return d
+    return None
+
+
 class Resolver:
     """The layers in memory, and how a lookup finds or makes one."""
 
@@ -78,7 +95,8 @@ class Resolver:
         self.layers: dict[str, Layer] = {}  # by blob digest
         self.by_path: dict[tuple[str, str], str] = {}  # (ref, path digest) -> blob digest
         self.records: dict[str, str] = {}  # blob or TOC digest -> blob digest, on disk
-        self._images: dict[str, tuple[float, ResolvedImageLike]] = {}
+        self._images: dict[str, _Manifest] = {}
+        self._fetching: dict[str, trio.Event] = {}  # manifests being fetched, by reference
         self.negative: dict[tuple[str, str], _Negative] = {}
         self._resolving: dict[tuple[str, str], trio.Event] = {}
 
@@ -143,20 +161,35 @@ class Resolver:
             while len(neg) > _MAX_NEGATIVE:
                 del neg[next(iter(neg))]
 
-    async def _image(self, ref: str) -> ResolvedImageLike:
+    async def _image(self, ref: str, *, stale: _Manifest | None = None) -> _Manifest:
+        """The image at ``ref``: cached for ``manifest_ttl``, or fetched (once for concurrent
+        lookups). ``stale``: a cached manifest not to use again (another one, or a fetch in
+        flight, will do)."""
         ctx = self._ctx
-        hit = self._images.get(ref)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        deadline = now + ctx.cfg.lookup_timeout
+        while True:
+            hit = self._images.get(ref)
+            if hit is not None and hit is not stale and hit.expires > time.monotonic():
+                return hit
+            ev = self._fetching.get(ref)
+            if ev is None:
+                break
+            await ev.wait()  # another lookup is fetching it; then look again
+        ev = trio.Event()
+        self._fetching[ref] = ev
+        try:
+            started = time.monotonic()
+            deadline = started + ctx.cfg.lookup_timeout
 
-        def resolve() -> ResolvedImageLike:
-            return ctx.source.resolve(ref, platform=ctx.cfg.platform, deadline=deadline)
+            def resolve() -> ResolvedImageLike:
+                return ctx.source.resolve(ref, platform=ctx.cfg.platform, deadline=deadline)
 
-        image = await ctx.scheduler.net_call(resolve)
-        self._images[ref] = (time.monotonic() + ctx.cfg.manifest_ttl, image)
-        return image
+            image = await ctx.scheduler.net_call(resolve)
+            entry = _Manifest(started, time.monotonic() + ctx.cfg.manifest_ttl, image)
+            self._images[ref] = entry
+        finally:
+            del self._fetching[ref]
+            ev.set()
+        return entry
 
     async def _resolve(self, ref: str, digest: str) -> tuple[Layer, str]:
         """The layer, and where it came from: memory, cache, or registry."""
@@ -173,12 +206,14 @@ class Resolver:
             if cached is not None and (digest != cached.digest or cached.info.diff_id):
                 return cached, "cache"
         # Otherwise the registry says whether this reference has the layer.
-        image = await self._image(ref)
-        desc: LayerDescriptor | None = None
-        for d in image.layers:
-            if d.digest == digest or toc_digest_of(d.annotations) == digest:
-                desc = d
-                break
+        asked = time.monotonic()
+        manifest = await self._image(ref)
+        desc = _layer_of(manifest.image, digest)
+        if desc is None and manifest.fetched < asked:
+            # A cached manifest may be out of date (the tag moved to another image since):
+            # ask the registry again before refusing the layer.
+            manifest = await self._image(ref, stale=manifest)
+            desc = _layer_of(manifest.image, digest)
         if desc is None:
             raise NotFound(f"{digest} is not a layer of {ref}")
         toc_digest = toc_digest_of(desc.annotations)

@@ -14,6 +14,7 @@ from als.formats.detect import (
     load_index,
     parse_footer,
     sniff_plain,
+    tar_size,
 )
 from als.formats.model import (
     MAX_DEPTH,
@@ -54,5 +55,6 @@ __all__ = [
     "parse_footer",
     "read_file",
     "sniff_plain",
+    "tar_size",
     "verify_file",
 ]

@@ -431,6 +431,8 @@ class IndexBuilder:
         ix.toc_size = self.toc_size
         ix.toc_json_size = self.toc_json_size
         ix.root_listed = bool(self._explicit[0])
+        ix.tarsplit = None
+        ix.tarsplit_digest = None
 
         names = self._names
         encoded = [s.encode("utf-8") for s in names]

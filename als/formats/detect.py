@@ -19,6 +19,7 @@ from als.formats.model import (
     LayerIndex,
     ReadRanges,
 )
+from als.formats.tarsplit import tarsplit_size
 from als.formats.toc import build_index, load_toc_json
 from als.oci import (
     ANN_TOC_DIGEST,
@@ -391,4 +392,33 @@ def _finish_zstd(
     )  # fmt: skip
     index.toc_size = footer.length + 8
     index.toc_json_size = len(js)
+    if not sg:
+        index.tarsplit = footer.tarsplit or ann.tarsplit_position
+        ts_digest = doc.get("tarSplitDigest")
+        index.tarsplit_digest = (
+            ts_digest if isinstance(ts_digest, str) and is_digest(ts_digest) else None
+        )
     return index
+
+
+def tar_size(read: ReadRanges, index: LayerIndex) -> int | None:
+    """The size of the layer's uncompressed tar from its tar-split (zstd:chunked), verified
+    against the digest the TOC states; None when the layer has no tar-split or no digest for
+    it. One read of the tar-split's compressed bytes; FormatError if they are bad."""
+    if index.tarsplit is None or index.tarsplit_digest is None:
+        return None
+    layer = index.layer
+    off, clen, ulen = index.tarsplit
+    if not (0 < clen <= _MAX_TOC_COMPRESSED and off + clen <= index.blob_size):
+        raise FormatError(f"layer {layer}: tar-split [{off}, +{clen}) outside the blob")
+    if ulen > MAX_TOC_JSON:
+        raise FormatError(f"layer {layer}: tar-split of {ulen} bytes is too large")
+    (comp,) = _read(read, [(off, clen)], layer)
+    _check("tar-split digest", index.tarsplit_digest, sha256_of(comp), layer)
+    try:
+        data = b"".join(unzstd_pieces(comp, ulen + 1))
+    except DecodeError as exc:
+        raise FormatError(f"layer {layer}: tar-split: {exc}") from None
+    if len(data) != ulen:
+        raise FormatError(f"layer {layer}: tar-split: decoded {len(data)} bytes, expected {ulen}")
+    return tarsplit_size(data, layer=layer)

@@ -141,6 +141,10 @@ class LayerIndex:
     toc_size: int  # compressed size of the TOC region as stored in the blob (0 if unknown)
     toc_json_size: int  # uncompressed TOC JSON size
     root_listed: bool  # the TOC has an entry for the root directory itself ("./")
+    # zstd:chunked: where the tar-split is (offset, compressed length, uncompressed length) and
+    # the digest of its compressed bytes the TOC states; None when the blob has none.
+    tarsplit: tuple[int, int, int] | None
+    tarsplit_digest: str | None
 
     def __init__(self) -> None:
         raise TypeError("LayerIndex is built by IndexBuilder")

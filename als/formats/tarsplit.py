@@ -465,3 +465,35 @@ def assemble_tar(tarsplit: bytes, content: Callable[[str, bytes], bytes]) -> byt
         else:
             raise FormatError(f"tar-split line {lineno}: unknown entry type {e.get('type')!r}")
     return b"".join(out)
+
+
+def tarsplit_size(tarsplit: bytes, *, layer: str = "") -> int:
+    """The size of the tar a tar-split document describes: its raw segments and the payload
+    sizes of its members (what containers/storage counts as a layer's uncompressed size)."""
+    total = 0
+    for lineno, line in enumerate(tarsplit.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"layer {layer}: tar-split line {lineno}" if layer else f"tar-split line {lineno}"
+        try:
+            e = json.loads(line)
+        except ValueError as exc:
+            raise FormatError(f"{where}: invalid JSON ({exc})") from None
+        if not isinstance(e, dict):
+            raise FormatError(f"{where}: not an object")
+        if e.get("type") == SEGMENT_TYPE:
+            payload = e.get("payload")
+            if not isinstance(payload, str):
+                raise FormatError(f"{where}: segment without a payload")
+            try:
+                total += len(base64.b64decode(payload, validate=True))
+            except ValueError:
+                raise FormatError(f"{where}: invalid base64 payload") from None
+        elif e.get("type") == FILE_TYPE:
+            size = e.get("size", 0)
+            if type(size) is not int or size < 0:
+                raise FormatError(f"{where}: invalid size")
+            total += size
+        else:
+            raise FormatError(f"{where}: unknown entry type {e.get('type')!r}")
+    return total

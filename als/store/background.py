@@ -96,11 +96,12 @@ class BackgroundFetcher:
             missing = ingest.missing()
             if not missing:
                 break
-            s, e = missing[0]
-            e = min(e, s + piece)
             if scheduler.busy:
                 layer.background = BackgroundState.PAUSED
                 await scheduler.wait_idle()
+                continue  # what readers fetched meanwhile is not fetched again
+            s, e = missing[0]
+            e = min(e, s + piece)
             if disk.limit and disk.total + (e - s) > disk.limit:
                 await self._evictor.evict()
                 if disk.total + (e - s) > disk.limit:

@@ -23,7 +23,9 @@ import trio
 
 from als.errors import AlsError, FormatError, RegistryError, VerifyError
 from als.formats import Chunk, decode_chunk, verify_file
+from als.ranges import Span
 from als.ranges import merge as merge_spans
+from als.ranges import subtract as subtract_spans
 from als.store.context import StoreContext
 
 if TYPE_CHECKING:
@@ -125,9 +127,7 @@ class ChunkLoader:
         out: dict[str, bytes] = {}
         cache = ctx.disk
         piece = layer.bg_piece
-        if piece is not None and any(
-            c.coffset < piece[1] and c.cend > piece[0] for _, c in items if not c.zeros
-        ):
+        if piece is not None and _overlaps(items, piece):
             await piece[2].wait()
         # 1. The disk cache (by chunk digest) and the local compressed bytes.
         local: dict[str, bytes] = {}
@@ -182,16 +182,36 @@ class ChunkLoader:
                 if discarded:
                     layer.complete = False
             pending = [(fid, c) for fid, c in items if layer.key(c) not in out]
-        # 3. The registry.
+        # 3. The registry: unless a background piece holding some of these bytes started
+        # meanwhile; then they are looked for locally again once it is written.
         fetched_spans: list[tuple[int, bytes]] = []
+        later = layer.bg_piece
+        if pending and later is not None and later is not piece and _overlaps(pending, later):
+            out.update(await self._load_in_flight(layer, pending, whole, kind))
+            pending = []
         if pending:
-            fetched_spans = await self._fetch_verified(layer, pending, whole, kind, out)
+            # Background downloads stay paused until what was fetched here is on its way to
+            # the download (step 4), so that they never fetch those bytes again.
+            async with ctx.scheduler.foreground():
+                fetched_spans = await self._fetch_verified(layer, pending, whole, kind, out)
+                self._keep(layer, pending, whole, out, fetched_spans)
         for k, data in out.items():
             ctx.memory.put(k, data)
-        # 4. Keep what is new on disk (after the reader has its bytes): the compressed bytes go
-        # to our own download, and its chunks are then found through self.homes; decompressed
-        # chunk files are written only when there is no download of ours to hold them.
-        if cache is not None:
+        return out
+
+    def _keep(
+        self,
+        layer: Layer,
+        pending: list[Item],
+        whole: set[int],
+        out: dict[str, bytes],
+        fetched_spans: list[tuple[int, bytes]],
+    ) -> None:
+        """4. Keep what is new on disk (after the reader has its bytes): the compressed bytes go
+        to our own download, and its chunks are then found through self.homes; decompressed
+        chunk files are written only when there is no download of ours to hold them."""
+        ctx = self._ctx
+        if ctx.disk is not None:
             own = layer.ingest is not None and layer.ingest.owned and not layer.complete
             fresh = [
                 (c.digest, c)
@@ -211,7 +231,6 @@ class ChunkLoader:
                 to_store = [(d, out[layer.key(c)]) for d, c in fresh]
             if to_store or fetched_spans:
                 ctx.scheduler.spawn_disk_write(lambda: self._store(layer, to_store, fetched_spans))
-        return out
 
     async def _fetch_verified(
         self, layer: Layer, pending: list[Item], whole: set[int], kind: str, out: dict[str, bytes]
@@ -225,7 +244,8 @@ class ChunkLoader:
         spans_ok: list[tuple[int, bytes]] = []
         todo = pending
         for attempt in range(1, _VERIFY_ATTEMPTS + 1):
-            raw, spans = await self._fetch(layer, todo, kind)
+            # Downloaded bytes are used on the first attempt only: a retry fetches everything.
+            raw, spans = await self._fetch(layer, todo, kind, use_local=attempt == 1)
             decoded, bad = await self.decode(layer, todo, raw, whole)
             # A file verified as a whole is fetched again as a whole.
             bad_files = {fid for fid, _ in bad if fid in whole}
@@ -345,8 +365,11 @@ class ChunkLoader:
                 layer.ingest.write(off, data)
 
     async def _fetch(
-        self, layer: Layer, pending: list[Item], kind: str
+        self, layer: Layer, pending: list[Item], kind: str, *, use_local: bool
     ) -> tuple[dict[str, bytes], list[tuple[int, bytes]]]:
+        """The compressed bytes of ``pending``'s chunks, by key, and the spans fetched. Chunks
+        close together are fetched in one span; the parts of a span already in the layer's
+        download (``use_local``) are read from there instead of fetched again."""
         ctx = self._ctx
         cfg = ctx.cfg
         need = [c for _, c in pending if not c.zeros]
@@ -354,8 +377,14 @@ class ChunkLoader:
         spans = merge_spans([(c.coffset, c.cend) for c in need], gap)
         if not spans:
             return {}, []
+        local: list[tuple[int, bytes]] = []
+        if use_local:
+            local = await self.blob_parts(layer, spans)
+        holes = [
+            h for span in spans for h in subtract_spans(span, [(s, s + len(d)) for s, d in local])
+        ]
         deadline = time.monotonic() + cfg.read_timeout
-        ranges = [(s, e - s) for s, e in spans]
+        ranges = [(s, e - s) for s, e in holes]
         ref, digest, source = layer.ref, layer.digest, ctx.source
 
         def fetch() -> list[bytes]:
@@ -364,19 +393,65 @@ class ChunkLoader:
         start = time.monotonic()
         async with ctx.scheduler.foreground():
             with trio.fail_after(cfg.read_timeout + 5):
-                blobs = await ctx.scheduler.net_call(fetch)
+                blobs = await ctx.scheduler.net_call(fetch) if ranges else []
         n = sum(len(b) for b in blobs)
         layer.fetched_bytes += n
         ctx.fetched(n, kind, time.monotonic() - start)
         if kind == FOREGROUND:
             self.on_miss(layer, spans[0][0], spans[-1][1])
+        fetched = [(s, data) for (s, _), data in zip(holes, blobs, strict=True)]
+        whole = [(s, _assemble(s, e, [*local, *fetched])) for s, e in spans]
         raw: dict[str, bytes] = {}
         for c in need:
-            for (s, e), data in zip(spans, blobs, strict=True):
-                if s <= c.coffset and c.cend <= e:
+            for s, data in whole:
+                if s <= c.coffset and c.cend <= s + len(data):
                     raw[layer.key(c)] = data[c.coffset - s : c.cend - s]
                     break
-        return raw, [(s, data) for (s, _), data in zip(spans, blobs, strict=True)]
+        return raw, fetched
+
+    async def blob_parts(self, layer: Layer, spans: Sequence[Span]) -> list[tuple[int, bytes]]:
+        """The parts of ``spans`` present in the layer's download, as (offset, bytes)."""
+        ingest = layer.ingest
+        if ingest is None or layer.complete or not ingest.ranges:
+            return []
+        present = list(ingest.ranges)
+
+        def read() -> list[tuple[int, bytes]]:
+            out: list[tuple[int, bytes]] = []
+            for s, e in spans:
+                for ps, pe in present:
+                    lo, hi = max(s, ps), min(e, pe)
+                    if lo < hi and (data := ingest.read(lo, hi - lo)) is not None:
+                        out.append((lo, data))
+            return out
+
+        return await self._ctx.scheduler.disk_call(read)
+
+    async def fetch_blob(self, layer: Layer, start: int, end: int) -> bytes:
+        """Blob bytes [start, end) for the ``blob`` file: what the download holds, the rest
+        fetched (and kept in the download, so that no byte is fetched twice)."""
+        ctx = self._ctx
+        local = await self.blob_parts(layer, [(start, end)])
+        holes = subtract_spans((start, end), [(s, s + len(d)) for s, d in local])
+        deadline = time.monotonic() + ctx.cfg.read_timeout
+        ranges = [(s, e - s) for s, e in holes]
+        ref, digest, source = layer.ref, layer.digest, ctx.source
+
+        def fetch() -> list[bytes]:
+            return source.fetch_ranges(ref, digest, ranges, deadline=deadline)
+
+        blobs: list[bytes] = []
+        if ranges:
+            async with ctx.scheduler.foreground():
+                with trio.fail_after(ctx.cfg.read_timeout + 5):
+                    blobs = await ctx.scheduler.net_call(fetch)
+        n = sum(len(b) for b in blobs)
+        layer.fetched_bytes += n
+        ctx.fetched(n)
+        fetched = [(s, data) for (s, _), data in zip(holes, blobs, strict=True)]
+        if fetched and ctx.disk is not None:
+            ctx.scheduler.spawn_disk_write(lambda: self._store(layer, [], fetched))
+        return _assemble(start, end, [*local, *fetched])
 
     async def decode(
         self, layer: Layer, items: list[Item], raw: dict[str, bytes], whole: set[int]
@@ -410,6 +485,20 @@ class ChunkLoader:
             return good, bad
 
         return await self._ctx.scheduler.cpu_call(work)
+
+
+def _assemble(start: int, end: int, parts: Sequence[tuple[int, bytes]]) -> bytes:
+    """Bytes [start, end) from (offset, bytes) parts that cover it."""
+    buf = bytearray(end - start)
+    for off, data in parts:
+        lo, hi = max(off, start), min(off + len(data), end)
+        if lo < hi:
+            buf[lo - start : hi - start] = data[lo - off : hi - off]
+    return bytes(buf)
+
+
+def _overlaps(items: Sequence[Item], piece: tuple[int, int, trio.Event]) -> bool:
+    return any(c.coffset < piece[1] and c.cend > piece[0] for _, c in items if not c.zeros)
 
 
 def _mark_gone(gone: list[Layer]) -> None:

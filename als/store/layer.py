@@ -120,23 +120,12 @@ class Layer:
         end = min(off + size, self.info.blob_size)
         if off >= end:
             return b""
-        ctx = self.services.ctx
-        if ctx.disk is not None:
-            local = await self.services.chunks.read_local(self, off, end)
+        chunks = self.services.chunks
+        if self.services.ctx.disk is not None:
+            local = await chunks.read_local(self, off, end)
             if local is not None:
                 return local
-        deadline = time.monotonic() + ctx.cfg.read_timeout
-        ref, digest, source = self.ref, self.digest, ctx.source
-
-        def fetch() -> list[bytes]:
-            return source.fetch_ranges(ref, digest, [(off, end - off)], deadline=deadline)
-
-        async with ctx.scheduler.foreground():
-            with trio.fail_after(ctx.cfg.read_timeout + 5):
-                (data,) = await ctx.scheduler.net_call(fetch)
-        self.fetched_bytes += len(data)
-        ctx.fetched(len(data))
-        return data
+        return await chunks.fetch_blob(self, off, end)
 
     # -- prefetch and background download ---------------------------------------------------------
 

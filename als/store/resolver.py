@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from als.errors import AlsError, NotFound, NotLazy
-from als.formats import LayerIndex, load_index
+from als.formats import LayerAnnotations, LayerIndex, load_index, tar_size
 from als.oci import ANN_UNCOMPRESSED_SIZE, toc_digest_of
 from als.registry.types import LayerDescriptor
 from als.store.cache import Ingest, LayerRecord
@@ -45,6 +45,37 @@ def _recording(read: ReadRanges, pieces: TocPieces) -> ReadRanges:
     return rec
 
 
+def _reading_ahead(read: ReadRanges, ahead: tuple[int, int] | None) -> ReadRanges:
+    """``read``, with the range ``ahead`` (offset, length) asked for in the first request too,
+    so that a later read inside it needs no request of its own."""
+    kept: list[tuple[int, bytes]] = []
+
+    def rd(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        nonlocal ahead
+        if kept and all(
+            kept[0][0] <= off and off + n <= kept[0][0] + len(kept[0][1]) for off, n in ranges
+        ):
+            base, data = kept[0]
+            return [data[off - base : off - base + n] for off, n in ranges]
+        if ahead is None or ahead in ranges:
+            return read(ranges)
+        got = read([*ranges, ahead])
+        kept.append((ahead[0], got[-1]))
+        ahead = None
+        return got[:-1]
+
+    return rd
+
+
+def _tar_size(read: ReadRanges, index: LayerIndex) -> int | None:
+    """The layer's tar size from its tar-split; None without one (or, replaying an older
+    cache record, without its bytes)."""
+    try:
+        return tar_size(read, index)
+    except _ReplayMiss:
+        return None
+
+
 def _replaying(pieces: TocPieces) -> ReadRanges:
     def replay(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         out: list[bytes] = []
@@ -66,6 +97,23 @@ class _Negative:
     reason: str
 
 
+@dataclass(frozen=True)
+class _Manifest:
+    """A resolved image as cached: when its fetch started, until when it is used, the image."""
+
+    fetched: float
+    expires: float
+    image: ResolvedImageLike
+
+
+def _layer_of(image: ResolvedImageLike, digest: str) -> LayerDescriptor | None:
+    """The layer whose blob digest or TOC digest is ``digest`` (the two podman dialects)."""
+    for d in image.layers:
+        if d.digest == digest or toc_digest_of(d.annotations) == digest:
+            return d
+    return None
+
+
 class Resolver:
     """The layers in memory, and how a lookup finds or makes one."""
 
@@ -78,7 +126,8 @@ class Resolver:
         self.layers: dict[str, Layer] = {}  # by blob digest
         self.by_path: dict[tuple[str, str], str] = {}  # (ref, path digest) -> blob digest
         self.records: dict[str, str] = {}  # blob or TOC digest -> blob digest, on disk
-        self._images: dict[str, tuple[float, ResolvedImageLike]] = {}
+        self._images: dict[str, _Manifest] = {}
+        self._fetching: dict[str, trio.Event] = {}  # manifests being fetched, by reference
         self.negative: dict[tuple[str, str], _Negative] = {}
         self._resolving: dict[tuple[str, str], trio.Event] = {}
 
@@ -143,20 +192,35 @@ class Resolver:
             while len(neg) > _MAX_NEGATIVE:
                 del neg[next(iter(neg))]
 
-    async def _image(self, ref: str) -> ResolvedImageLike:
+    async def _image(self, ref: str, *, stale: _Manifest | None = None) -> _Manifest:
+        """The image at ``ref``: cached for ``manifest_ttl``, or fetched (once for concurrent
+        lookups). ``stale``: a cached manifest not to use again (another one, or a fetch in
+        flight, will do)."""
         ctx = self._ctx
-        hit = self._images.get(ref)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        deadline = now + ctx.cfg.lookup_timeout
+        while True:
+            hit = self._images.get(ref)
+            if hit is not None and hit is not stale and hit.expires > time.monotonic():
+                return hit
+            ev = self._fetching.get(ref)
+            if ev is None:
+                break
+            await ev.wait()  # another lookup is fetching it; then look again
+        ev = trio.Event()
+        self._fetching[ref] = ev
+        try:
+            started = time.monotonic()
+            deadline = started + ctx.cfg.lookup_timeout
 
-        def resolve() -> ResolvedImageLike:
-            return ctx.source.resolve(ref, platform=ctx.cfg.platform, deadline=deadline)
+            def resolve() -> ResolvedImageLike:
+                return ctx.source.resolve(ref, platform=ctx.cfg.platform, deadline=deadline)
 
-        image = await ctx.scheduler.net_call(resolve)
-        self._images[ref] = (time.monotonic() + ctx.cfg.manifest_ttl, image)
-        return image
+            image = await ctx.scheduler.net_call(resolve)
+            entry = _Manifest(started, time.monotonic() + ctx.cfg.manifest_ttl, image)
+            self._images[ref] = entry
+        finally:
+            del self._fetching[ref]
+            ev.set()
+        return entry
 
     async def _resolve(self, ref: str, digest: str) -> tuple[Layer, str]:
         """The layer, and where it came from: memory, cache, or registry."""
@@ -173,12 +237,14 @@ class Resolver:
             if cached is not None and (digest != cached.digest or cached.info.diff_id):
                 return cached, "cache"
         # Otherwise the registry says whether this reference has the layer.
-        image = await self._image(ref)
-        desc: LayerDescriptor | None = None
-        for d in image.layers:
-            if d.digest == digest or toc_digest_of(d.annotations) == digest:
-                desc = d
-                break
+        asked = time.monotonic()
+        manifest = await self._image(ref)
+        desc = _layer_of(manifest.image, digest)
+        if desc is None and manifest.fetched < asked:
+            # A cached manifest may be out of date (the tag moved to another image since):
+            # ask the registry again before refusing the layer.
+            manifest = await self._image(ref, stale=manifest)
+            desc = _layer_of(manifest.image, digest)
         if desc is None:
             raise NotFound(f"{digest} is not a layer of {ref}")
         toc_digest = toc_digest_of(desc.annotations)
@@ -225,24 +291,25 @@ class Resolver:
             await self._add_ref(existing, ref)
             return existing
 
-        def load() -> LayerIndex:
-            return load_index(
+        def load() -> tuple[LayerIndex, int | None]:
+            index = load_index(
                 _replaying(pieces),
                 rec.blob_size,
                 annotations=rec.annotations,
                 expected_toc_digest=rec.toc_digest,
                 layer=f"{ref}@{rec.blob_digest}",
             )
+            return index, _tar_size(_replaying(pieces), index)
 
         try:
-            index = await scheduler.cpu_call(load)
+            index, tar_bytes = await scheduler.cpu_call(load)
         except (_ReplayMiss, AlsError) as exc:
             log.warning("cache-corrupt layer=%s: cannot rebuild its index (%s)", blob, exc)
             return None
         if ref not in rec.refs:
             rec.refs.append(ref)
             await scheduler.disk_call(lambda: disk.save_layer(rec, None))
-        return await self._install(rec, index, pieces=None)
+        return await self._install(rec, index, tar_bytes, pieces=None)
 
     async def _from_registry(self, ref: str, desc: LayerDescriptor, toc_digest: str) -> Layer:
         ctx = self._ctx
@@ -253,16 +320,22 @@ class Resolver:
         def read(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
             return ctx.source.fetch_ranges(ref, blob_digest, ranges, deadline=deadline)
 
-        def load() -> LayerIndex:
-            return load_index(
-                _recording(read, pieces),
+        # A zstd:chunked tar-split whose place the annotations give is fetched with the TOC.
+        ts = LayerAnnotations.parse(annotations).tarsplit_position
+        ahead = (ts[0], ts[1]) if ts is not None and ts[1] > 0 and ts[0] + ts[1] <= size else None
+
+        def load() -> tuple[LayerIndex, int | None]:
+            rd = _recording(_reading_ahead(read, ahead), pieces)
+            index = load_index(
+                rd,
                 size,
                 annotations=annotations,
                 expected_toc_digest=toc_digest,
                 layer=f"{ref}@{blob_digest}",
             )
+            return index, _tar_size(rd, index)
 
-        index = await ctx.scheduler.net_call(load)
+        index, tar_bytes = await ctx.scheduler.net_call(load)
         rec = LayerRecord(
             blob_digest=blob_digest,
             blob_size=size,
@@ -273,10 +346,14 @@ class Resolver:
             annotations=annotations,
             refs=[ref],
         )
-        return await self._install(rec, index, pieces=pieces)
+        return await self._install(rec, index, tar_bytes, pieces=pieces)
 
     async def _install(
-        self, rec: LayerRecord, index: LayerIndex, pieces: TocPieces | None
+        self,
+        rec: LayerRecord,
+        index: LayerIndex,
+        tar_bytes: int | None,
+        pieces: TocPieces | None,
     ) -> Layer:
         existing = self.layers.get(rec.blob_digest)
         if existing is not None:  # another lookup won the race
@@ -288,7 +365,8 @@ class Resolver:
             diff_id=rec.diff_id,
             toc_digest=index.toc_digest,
             media_type=rec.media_type,
-            uncompressed_size=int(usize_text) if usize_text.isdigit() else None,
+            # eStargz states it in an annotation; zstd:chunked has its tar-split.
+            uncompressed_size=int(usize_text) if usize_text.isdigit() else tar_bytes,
         )
         layer = Layer(
             info=info,

@@ -212,6 +212,19 @@ def test_bad_names_are_enoent(mount: ThreadMount, image: Image) -> None:
     assert os.listdir(mount.pool / b64(REF) / layers[0].digest / "diff")
 
 
+def test_layer_directory_lists_diff_info_and_blob(mount: ThreadMount, image: Image) -> None:
+    """Whether or not info and blob were looked up first (as docs/architecture.md says)."""
+    _, layers = image
+    for layer in layers:
+        d = mount.pool / b64(REF) / layer.digest
+        assert sorted(os.listdir(d)) == ["blob", "diff", "info"]
+        assert sorted(os.listdir(d)) == ["blob", "diff", "info"]  # the same the second time
+        assert os.stat(d / "blob").st_size == len(layer.blob)
+        with os.scandir(d) as it:
+            kinds = {e.name: (e.is_dir(follow_symlinks=False), e.is_file()) for e in it}
+        assert kinds == {"diff": (True, False), "info": (False, True), "blob": (False, True)}
+
+
 def test_writes_are_refused(mount: ThreadMount, image: Image) -> None:
     _, layers = image
     d = mount.layer_dir(REF, layers[0].digest)

@@ -144,12 +144,15 @@ class Ingest:
         """Bytes the record lists as present, or None."""
         if not covers(self.ranges, offset, offset + length):
             return None
-        try:
-            with open(self.data_path, "rb") as f:
-                data = os.pread(f.fileno(), length, offset)
-        except OSError:
-            return None
-        return data if len(data) == length else None
+        # finish() moves the data file to blobs/ while readers may still look here.
+        for path in (self.data_path, self.cache.blob_file(self.hex)):
+            try:
+                with open(path, "rb") as f:
+                    data = os.pread(f.fileno(), length, offset)
+            except OSError:
+                continue
+            return data if len(data) == length else None
+        return None
 
     def forget(self, offset: int, end: int) -> None:
         """Drop [offset, end) from the record: those bytes proved wrong."""

@@ -471,6 +471,21 @@ class Operations(pyfuse3.Operations):
             if inode > start and self._has_content(inode)
         ]
 
+    def _layer_dir_nodes(self, node: StoreNode) -> None:
+        """A layer directory lists ``diff``, ``info`` and ``blob`` whether or not they were
+        looked up (never ``use``)."""
+        ns = self.ns
+        layer = node.layer
+        assert layer is not None
+        inst = node.instances.get(b"diff")
+        if inst is None or inst.number not in ns.instances:
+            node.instances[b"diff"] = ns.new_instance(layer, node.inode)
+        for name in (b"info", b"blob"):
+            child = node.children.get(name)
+            if child is None or child not in ns.nodes:
+                kind = NodeKind(name.decode())
+                ns.add_node(node, name, kind, ref=node.ref, digest=node.digest, layer=layer)
+
     def _has_content(self, inode: int) -> bool:
         """Whether a store entry leads to something the store serves.
 
@@ -497,7 +512,10 @@ class Operations(pyfuse3.Operations):
             inst, dir_id = self._instance(inode)
             entries = self._layer_entries(inst, dir_id, start_id)
         else:
-            entries = self._store_entries(self._node(inode), start_id)
+            node = self._node(inode)
+            if node.kind == NodeKind.LAYERDIR:
+                self._layer_dir_nodes(node)
+            entries = self._store_entries(node, start_id)
         for name, child, next_id in entries:
             attr = self._attr(child)
             if not pyfuse3.readdir_reply(token, name, attr, next_id):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from als.errors import FormatError, VerifyError
-from als.formats import LayerAnnotations, detect_format, load_index, parse_footer
+from als.formats import LayerAnnotations, detect_format, load_index, parse_footer, tar_size
+from tests.support.layers import FileSpec, make_layer, make_tar, noise
 from tests.unit.conftest import CountingReader, simple_layer, wrap_zstd
 
 
@@ -72,3 +73,39 @@ def test_detect_format_plain_and_garbage() -> None:
         assert detect_format(blob[:512], blob, len(blob)) == fmt
     with pytest.raises(FormatError, match="unrecognised"):
         detect_format(b"hello", b"hello", 5)
+
+
+TAR_SPEC: dict[str, bytes | str | FileSpec] = {
+    "usr/bin/tool": noise("tool", 200_000),
+    "usr/share/" + "n" * 140: b"a long name needs a PAX header",
+    "etc/x": FileSpec(content=b"1", xattrs={"user.k": b"v"}),
+    "etc/link": FileSpec(type="hardlink", link="etc/x"),
+}
+
+
+def test_tar_size_from_the_tarsplit() -> None:
+    """zstd:chunked: the size of the layer's tar, read from the tar-split (one read), with or
+    without the annotations; layers without a tar-split have none."""
+    tar = make_tar(TAR_SPEC)
+    layer = make_layer(tar, "zstd-chunked")
+    for ann in (layer.annotations, None):
+        ix = load_index(CountingReader(layer.blob), len(layer.blob), annotations=ann)
+        r = CountingReader(layer.blob)
+        assert tar_size(r, ix) == len(tar)
+        assert ix.tarsplit is not None and r.calls == [[(ix.tarsplit[0], ix.tarsplit[1])]]
+    for fmt in ("zstd-chunked-1.43", "estargz", "estargz-zstd"):
+        other = make_layer(tar, fmt)
+        ix = load_index(CountingReader(other.blob), len(other.blob))
+        r = CountingReader(other.blob)
+        assert tar_size(r, ix) is None and r.calls == []
+
+
+def test_tar_size_verifies_the_tarsplit() -> None:
+    layer = make_layer(make_tar(TAR_SPEC), "zstd-chunked")
+    ix = load_index(CountingReader(layer.blob), len(layer.blob))
+    assert ix.tarsplit is not None
+    off = ix.tarsplit[0]
+    bad = bytearray(layer.blob)
+    bad[off + 20] ^= 0xFF
+    with pytest.raises(VerifyError, match="tar-split digest mismatch"):
+        tar_size(CountingReader(bytes(bad)), ix)

@@ -17,6 +17,7 @@ from als.formats.tarsplit import (
     crc64_iso,
     go_json,
     scan_tar,
+    tarsplit_size,
 )
 from tests.support.layers import go_made
 from tests.support.tarspec import FileSpec, tar_from_spec
@@ -172,3 +173,26 @@ def test_go_json_escapes_like_go() -> None:
     want = b'{"a":"\\u003c\\u0026\\u003e\\u2028","b":[1,"\xc3\xa9"]}'
     assert go_json({"a": "<&>\u2028", "b": [1, "é"]}) == want
     assert go_json({"a": {}}, indent="\t") == b'{\n\t"a": {}\n}'
+
+
+def test_tarsplit_size_is_the_tar_size() -> None:
+    """PAX headers, long names, xattrs, hardlinks, devices and trailing bytes all count."""
+    for tar in (tar_from_spec(SPEC), tar_from_spec(SPEC) + b"\0" * 10240, tar_from_spec({})):
+        assert tarsplit_size(build_tarsplit(tar)) == len(tar)
+
+
+@pytest.mark.parametrize(
+    ("line", "msg"),
+    [
+        (b"not json", "invalid JSON"),
+        (b"[1]", "not an object"),
+        (b'{"type":2}', "segment without a payload"),
+        (b'{"type":2,"payload":"***"}', "invalid base64"),
+        (b'{"type":1,"name":"a","size":-1}', "invalid size"),
+        (b'{"type":1,"name":"a","size":"9"}', "invalid size"),
+        (b'{"type":7}', "unknown entry type"),
+    ],
+)
+def test_tarsplit_size_rejects_bad_documents(line: bytes, msg: str) -> None:
+    with pytest.raises(FormatError, match=msg):
+        tarsplit_size(b'{"type":2,"payload":"AAAA","position":0}\n' + line + b"\n", layer="l")

@@ -6,6 +6,8 @@ the cache is a real directory. A "restart" is a new LayerManager over the same d
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import os
 import subprocess
@@ -16,9 +18,11 @@ from typing import Any
 
 import pytest
 import trio
+import zstandard
 
 from als.errors import AlsError, VerifyError
 from als.store.config import StoreConfig
+from als.store.fs.protocol import info_json
 from als.store.layer import Layer
 from als.store.manager import LayerManager
 from tests.support.fakesource import FakeSource
@@ -30,6 +34,14 @@ REF2 = "registry.test/other:2"
 
 FILES = {f"usr/lib/f{i:02d}": noise(f"f{i}", 20_000 + 3_000 * i) for i in range(20)}
 FILES["usr/lib/big"] = noise("big", 700_000)
+
+
+def decompressed(blob: bytes) -> bytes:
+    """The whole uncompressed stream of a gzip or zstd blob (every member or frame)."""
+    if blob[:2] == b"\x1f\x8b":
+        return gzip.decompress(blob)
+    reader = zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=True)
+    return reader.read()
 
 
 @asynccontextmanager
@@ -466,3 +478,79 @@ async def test_bytes_that_never_verify_are_eio_and_never_kept(
         assert lay.ingest.present() == before  # nothing of it reached the download
         src.corrupt = False
         assert await read_all(lay, "usr/lib/f05") == FILES["usr/lib/f05"]
+
+
+@pytest.mark.parametrize("fmt", ["zstd-chunked", "estargz", "estargz-zstd"])
+async def test_info_diff_size_is_the_tar_size(tmp_path: Path, fmt: str) -> None:
+    """Both dialects of `info` carry the layer's tar size: zstd:chunked from its tar-split (read
+    with the TOC, in the same request), eStargz from its annotation; a restart rebuilds it from
+    the cache record without the registry."""
+    spec = {**FILES, "usr/share/" + "n" * 140: b"long name"}
+    built = make_layer(spec, fmt)
+    want = len(decompressed(built.blob))  # what a normal pull counts
+    src = FakeSource()
+    src.add_image(REF, [built])
+    async with running(src, tmp_path) as m:
+        layer = await m.lookup(REF, built.toc_digest)
+        assert src.requests == 1
+        for path in (built.toc_digest, built.digest):
+            assert json.loads(info_json(layer.info, path))["diff-size"] == want
+    src.fail_all = True
+    async with running(src, tmp_path) as m:
+        layer = await m.lookup(REF, built.toc_digest)
+        assert json.loads(info_json(layer.info, built.toc_digest))["diff-size"] == want
+
+
+class RangeLog(FakeSource):
+    """Remembers every byte range it sends, per blob."""
+
+    sent: list[tuple[str, int, int]]
+
+    def fetch_ranges(
+        self, ref: Any, digest: str, ranges: Any, *, deadline: float | None = None
+    ) -> list[bytes]:
+        got = super().fetch_ranges(ref, digest, ranges, deadline=deadline)
+        self.sent = [*getattr(self, "sent", []), *((digest, o, o + n) for o, n in ranges)]
+        return got
+
+    def twice(self) -> int:
+        """Bytes sent more than once."""
+        seen: dict[str, list[tuple[int, int]]] = {}
+        dup = 0
+        for digest, s, e in self.sent:
+            for ps, pe in seen.setdefault(digest, []):
+                dup += max(0, min(e, pe) - max(s, ps))
+            seen[digest].append((s, e))
+        return dup
+
+
+async def read_blob_file(layer: Layer) -> bytes:
+    """The `blob` file read through, as podman save or push reads it (128 KiB reads)."""
+    parts = []
+    for off in range(0, layer.info.blob_size, 128 * 1024):
+        parts.append(await layer.read_blob(off, 128 * 1024))
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("fmt", ["estargz", "estargz-zstd", "zstd-chunked"])
+@pytest.mark.parametrize("background", [False, True])
+async def test_every_byte_is_fetched_once(tmp_path: Path, fmt: str, background: bool) -> None:
+    """The TOC read, the landmark prefetch, file reads, the background download and reads of
+    the `blob` file (podman save) never fetch a byte twice: the blob costs its size, once."""
+    built = make_layer(FILES, fmt, chunk_size=64 * 1024, prioritized=["usr/lib/f01"])
+    src = RangeLog()
+    src.add_image(REF, [built])
+    async with running(src, tmp_path, background_fetch=background, background_delay=0) as m:
+        layer = await m.lookup(REF, built.toc_digest)
+        assert await read_all(layer, "usr/lib/f03") == FILES["usr/lib/f03"]
+        assert await read_all(layer, "usr/lib/big") == FILES["usr/lib/big"]
+        if background:
+            await wait_for(lambda: layer.complete)
+        else:
+            await wait_for(lambda: src.requests >= 3)  # the landmark prefetch has run
+            await m.flush()
+        assert await read_blob_file(layer) == built.blob
+        await m.flush()
+        assert await read_blob_file(layer) == built.blob  # a second save reads the cache
+        assert src.twice() == 0, src.sent
+        assert src.bytes_sent == len(built.blob)

@@ -90,3 +90,46 @@ async def test_failed_lookups_remembered_are_bounded(layer: BuiltLayer) -> None:
     with pytest.raises(NotFound):
         await m.lookup(REF, f"sha256:{n - 1:064x}")
     assert src.resolves == resolves
+
+
+async def test_moved_tag_fetches_the_manifest_again_before_refusing(layer: BuiltLayer) -> None:
+    """A tag that moved to an image sharing no layer with the cached manifest: the new layers
+    are served (the manifest is fetched again), not refused for the manifest's lifetime."""
+    other = make_layer({"b/new": b"new image"}, "zstd-chunked")
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    m = manager(src, manifest_ttl=3600)
+    assert (await m.lookup(REF, layer.toc_digest)).digest == layer.digest
+    assert src.resolves == 1
+    src.add_image(REF, [other])  # the tag moves
+    for digest in (other.toc_digest, other.digest):  # both podman dialects
+        got = await m.lookup(REF, digest)
+        assert got.digest == other.digest
+    assert src.resolves == 2  # once for the moved tag; the second lookup uses the new manifest
+    # A digest in neither image is refused after one more look at the registry, and that
+    # answer is remembered.
+    with pytest.raises(NotFound, match="is not a layer of"):
+        await m.lookup(REF, "sha256:" + "1" * 64)
+    assert src.resolves == 3
+    with pytest.raises(NotFound, match="is not a layer of"):
+        await m.lookup(REF, "sha256:" + "1" * 64)
+    assert src.resolves == 3
+
+
+async def test_moved_tag_concurrent_lookups_fetch_the_manifest_once(layer: BuiltLayer) -> None:
+    others = [make_layer({f"b/{i}": b"x" * i}, "estargz") for i in range(1, 6)]
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    m = manager(src, manifest_ttl=3600)
+    await m.lookup(REF, layer.digest)
+    src.add_image(REF, others)
+    got: list[str] = []
+
+    async def look(digest: str) -> None:
+        got.append((await m.lookup(REF, digest)).digest)
+
+    async with trio.open_nursery() as n:
+        for o in others:
+            n.start_soon(look, o.toc_digest)
+    assert sorted(got) == sorted(o.digest for o in others)
+    assert src.resolves == 2

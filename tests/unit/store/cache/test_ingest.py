@@ -235,3 +235,18 @@ def test_data_without_record_is_not_present(cache: DiskCache) -> None:
     assert again.missing() == [(20, 100)]
     assert not again.finish(dg(blob))
     again.close()
+
+
+def test_read_while_the_download_is_moved_to_blobs(cache: DiskCache) -> None:
+    """A reader holding the download finds its bytes in blobs/ once finish() moved them (the
+    store marks the layer complete only after finish returns)."""
+    blob = os.urandom(4096)
+    ing = cache.ingest(dg(blob), len(blob))
+    assert ing.acquire()
+    assert ing.write(0, blob)
+    ranges = list(ing.ranges)
+    assert ing.finish(dg(blob))
+    ing.ranges = ranges  # the view of a reader that looked before finish()
+    assert ing.read(100, 200) == blob[100:300]
+    cache.discard_blob(dg(blob), "test")
+    assert ing.read(100, 200) is None

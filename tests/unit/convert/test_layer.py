@@ -4,6 +4,7 @@ read-back verification, image locations."""
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 
 import pytest
 
@@ -54,7 +55,7 @@ def test_prioritized_layers_mark_their_prefetch_region(fmt: str) -> None:
     built = build(tar_from_spec(SPEC), fmt, prioritized=["c/three"])
     blob = built.blob
 
-    def read(ranges: list[tuple[int, int]]) -> list[bytes]:
+    def read(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         return [blob[o : o + n] for o, n in ranges]
 
     ix = load_index(read, len(blob), annotations=built.annotations)

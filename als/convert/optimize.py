@@ -141,14 +141,16 @@ def record_profile(
         )
         env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(tmp / "storage.conf"),
                "CONTAINERS_REGISTRIES_CONF": str(tmp / "registries.conf")}  # fmt: skip
-        podman = req.podman
+        # podman's own temporary directory goes private too: the run must not share (or, on
+        # cleanup, remove) the state of the host's podman.
+        podman = [req.podman, "--tmpdir", str(runroot / "libpod")]
         _say(progress, f"pulling {ref} lazily through a temporary store")
-        p = _run([podman, "pull", "--tls-verify=false", ref], env, 600)
+        p = _run([*podman, "pull", "--tls-verify=false", ref], env, 600)
         if p.returncode != 0:
             raise AlsError(f"optimize run: podman pull failed: {_last_line(p.stderr)}")
         name = f"als-optimize-{os.getpid()}"
         net = [] if req.optimize_network else ["--network", "none"]
-        cmd = [podman, "run", "--name", name, *net, *req.podman_run_args, ref,
+        cmd = [*podman, "run", "--name", name, *net, *req.podman_run_args, ref,
                *req.optimize_command]  # fmt: skip
         _say(progress, f"running the image for {req.optimize_seconds:g}s")
         started = time.monotonic()
@@ -160,10 +162,10 @@ def record_profile(
             _out, err = run.communicate(timeout=req.optimize_seconds)
             rc = run.returncode
         except subprocess.TimeoutExpired:
-            _run([podman, "kill", name], env, 60)
+            _run([*podman, "kill", name], env, 60)
             _out, err = run.communicate(timeout=60)
             rc = None
-        _run([podman, "rm", "-f", name], env, 60)
+        _run([*podman, "rm", "-f", name], env, 60)
         if rc not in (None, 0) and not req.optimize_allow_failure:
             raise AlsError(
                 f"optimize run: the command exited with status {rc} before "
@@ -172,9 +174,9 @@ def record_profile(
             )
         profiles = _wait_profiles(cache, list(by_blob), started + req.optimize_seconds)
     finally:
-        if env:
-            _run([req.podman, "rmi", "-a", "-f"], env, 120)
-            _run([req.podman, "system", "reset", "--force"], env, 120)
+        if env:  # the private storage only: never `podman system reset` (host networks)
+            _run([req.podman, "--tmpdir", str(runroot / "libpod"), "rmi", "-a", "-f"], env, 120)
+            _unmount_under(tmp / "graph")
         if store is not None:
             _stop_store(store, root / ".pool")
         reg.stop()
@@ -183,6 +185,18 @@ def record_profile(
     out = {by_blob[d]: files for d, files in profiles.items() if files}
     _say(progress, f"recorded {sum(len(f) for f in out.values())} files in {len(out)} layer(s)")
     return out
+
+
+def _unmount_under(path: Path) -> None:
+    """Lazily unmount whatever podman left mounted below ``path`` (overlay, shm)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return
+    prefix = str(path) + "/"
+    targets = [m.split()[1] for m in mounts if len(m.split()) > 1]
+    for t in sorted((t for t in targets if t.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", t], check=False, capture_output=True)
 
 
 def _wait_mounted(pool: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:

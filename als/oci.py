@@ -54,6 +54,12 @@ LAZY_FORMATS = ("estargz", "stargz-legacy", "estargz-zstd", "zstd-chunked")
 FORMATS = (*LAZY_FORMATS, "gzip", "zstd", "tar")
 """Every format als recognises."""
 
+CONVERT_FORMATS = ("estargz", "estargz-zstd", "zstd-chunked", "zstd-chunked-1.43", "gzip", "zstd")
+"""What ``als convert`` writes from a layer tar (the parser's choices)."""
+
+IMAGE_FORMATS = ("estargz", "estargz-zstd", "zstd-chunked")
+"""What ``als convert`` writes for whole images (lazily pullable, read by podman 4 and 5)."""
+
 
 def toc_digest_of(annotations: Mapping[str, object]) -> str | None:
     """The TOC digest a layer descriptor declares, or None.
@@ -72,10 +78,10 @@ def toc_digest_of(annotations: Mapping[str, object]) -> str | None:
 def format_of_descriptor(media_type: str, annotations: Mapping[str, object]) -> str:
     """The layer format a manifest's descriptor declares (``unknown`` when it says nothing)."""
     zstd = "zstd" in media_type
+    if ANN_TOC_DIGEST in annotations:  # before manifest-checksum: eStargz-zstd carries both
+        return "estargz-zstd" if zstd else "estargz"
     if any(k in annotations for k in MANIFEST_CHECKSUM_KEYS):
         return "zstd-chunked"
-    if ANN_TOC_DIGEST in annotations:
-        return "estargz-zstd" if zstd else "estargz"
     if zstd:
         return "zstd"
     if "gzip" in media_type:

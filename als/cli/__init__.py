@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from als import __version__
-from als.cli.convert import CONVERT_FORMATS
+from als.cli.convert import add_arguments as add_convert_arguments
 from als.errors import AlsError
 from als.paths import DEFAULT_ROOT
 
@@ -72,32 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ext.set_defaults(func=_extract)
 
-    conv = sub.add_parser("convert", help="write a tar as a (lazily pullable) layer blob")
-    conv.add_argument("src", help="input tar, plain or gzip/zstd compressed (sniffed)")
-    conv.add_argument("dest", help="output blob file")
-    conv.add_argument(
-        "--format",
-        choices=CONVERT_FORMATS,
-        default="estargz",
-        help="layer format (default: estargz)",
+    conv = sub.add_parser(
+        "convert",
+        help="make a layer tar, or a whole image, lazily pullable (eStargz, zstd:chunked)",
     )
-    conv.add_argument(
-        "--chunk-size",
-        type=int,
-        metavar="N",
-        help="eStargz chunk size (default 4 MiB); zstd:chunked: fixed N-byte chunks instead of "
-        "the rolling checksum",
-    )
-    conv.add_argument(
-        "--prioritize",
-        action="append",
-        metavar="PATH",
-        help="eStargz: put PATH first, before .prefetch.landmark (repeatable)",
-    )
-    conv.add_argument("--prioritize-file", metavar="FILE", help="eStargz: paths, one per line")
-    conv.add_argument(
-        "--annotations-out", metavar="FILE", help="also write the layer annotations as JSON"
-    )
+    add_convert_arguments(conv)
     conv.set_defaults(func=_convert)
 
     st = sub.add_parser("status", help="show the running store's cache, layers and fetches")
@@ -116,7 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv and "convert" in argv[: argv.index("--")]:
+        # `als convert SRC DEST --optimize -- CMD ARGS...`: the command is not parsed
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    if command:
+        args.command = command
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

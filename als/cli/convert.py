@@ -1,101 +1,111 @@
-"""``als convert``: turn a tar (plain, gzip or zstd) into a layer blob of a chosen format.
+"""``als convert``: a layer tar into a layer blob, or a whole image into a lazily pullable one.
 
-The parser in :mod:`als.cli` imports :data:`CONVERT_FORMATS` from here, so this module imports
-the writers and zstandard only when a conversion runs: building the parser stays cheap.
+``als convert FILE.tar OUT``: one layer (plain, gzip or zstd tar in; the blob out).
+``als convert SRC DEST``: SRC and DEST are ``docker://REF`` or ``oci:DIR[:TAG]`` (and SRC also
+``containers-storage:REF``); the work is :mod:`als.convert`'s, this module only parses and
+prints. The parser in :mod:`als.cli` imports this module, so it imports the writers, the
+registry client and zstandard only when a conversion runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
 import json
-import zlib
-from collections.abc import Sequence
+import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Any
 
-from als.errors import AlsError, ConfigError, FormatError
+from als.errors import AlsError, ConfigError
+from als.oci import CONVERT_FORMATS, IMAGE_FORMATS
 
-if TYPE_CHECKING:
-    from als.formats.writer import BuiltLayer
+__all__ = ["CONVERT_FORMATS", "IMAGE_FORMATS", "add_arguments", "convert_main"]
 
-DEFAULT_ESTARGZ_CHUNK = 4 << 20
-CONVERT_FORMATS = ("estargz", "estargz-zstd", "zstd-chunked", "zstd-chunked-1.43", "gzip", "zstd")
-"""What ``als convert --format`` accepts (the parser's choices)."""
+IMAGE_PREFIXES = ("docker://", "oci:", "containers-storage:")
 
 
-def read_tar(data: bytes, *, name: str = "input") -> bytes:
-    """Return the uncompressed tar: gzip and zstd input is sniffed and decompressed."""
-    if data[:3] == b"\x1f\x8b\x08":
-        try:
-            return gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise FormatError(f"{name}: invalid gzip data: {exc}") from None
-    if data[:4] == b"\x28\xb5\x2f\xfd":
-        import zstandard
-
-        try:
-            with zstandard.ZstdDecompressor().stream_reader(
-                io.BytesIO(data), read_across_frames=True
-            ) as r:
-                return r.read()
-        except zstandard.ZstdError as exc:
-            raise FormatError(f"{name}: invalid zstd data: {exc}") from None
-    return data
-
-
-def convert(
-    tar: bytes,
-    fmt: str,
-    *,
-    chunk_size: int | None = None,
-    prioritized: Sequence[str] = (),
-) -> BuiltLayer:
-    """Build ``fmt`` (one of CONVERT_FORMATS) from an uncompressed tar."""
-    from als.formats.writer import build_estargz, build_gzip, build_zstd, build_zstd_chunked
-
-    if chunk_size is not None and chunk_size <= 0:
-        raise ConfigError(f"--chunk-size must be positive, not {chunk_size}")
-    if prioritized and fmt not in ("estargz", "estargz-zstd"):
-        raise ConfigError(f"prioritized files need an eStargz format, not {fmt}")
-    if fmt in ("estargz", "estargz-zstd"):
-        return build_estargz(
-            tar,
-            compression="zstd" if fmt == "estargz-zstd" else "gzip",
-            prioritized=list(prioritized) or None,
-            chunk_size=chunk_size or DEFAULT_ESTARGZ_CHUNK,
-        )
-    if fmt in ("zstd-chunked", "zstd-chunked-1.43"):
-        layout: Literal["current", "1.43"] = "1.43" if fmt == "zstd-chunked-1.43" else "current"
-        if chunk_size:
-            return build_zstd_chunked(tar, layout=layout, chunking="fixed", chunk_size=chunk_size)
-        return build_zstd_chunked(tar, layout=layout)
-    if fmt == "gzip":
-        return build_gzip(tar)
-    if fmt == "zstd":
-        return build_zstd(tar)
-    raise ConfigError(f"unknown format {fmt!r}; choose from {', '.join(CONVERT_FORMATS)}")
-
-
-def describe(layer: BuiltLayer) -> dict[str, object]:
-    return {
-        "format": layer.format,
-        "digest": layer.digest,
-        "size": layer.size,
-        "diff_id": layer.diff_id,
-        "toc_digest": layer.toc_digest,
-        "media_type": layer.media_type,
-        "annotations": layer.annotations,
-    }
+def add_arguments(conv: argparse.ArgumentParser) -> None:
+    conv.add_argument(
+        "src",
+        help="a tar (plain, gzip or zstd), or an image: docker://REF, "
+        "oci:DIR[:TAG], containers-storage:REF",
+    )
+    conv.add_argument("dest", help="a blob file, or an image: docker://REF, oci:DIR[:TAG]")
+    conv.set_defaults(command=[])
+    conv.epilog = "--optimize runs the image's entrypoint/cmd, or the command after --"
+    conv.add_argument(
+        "--format",
+        choices=CONVERT_FORMATS,
+        default="estargz",
+        help="layer format (default: estargz; images: " + ", ".join(IMAGE_FORMATS) + ")",
+    )
+    conv.add_argument(
+        "--chunk-size",
+        type=int,
+        metavar="N",
+        help="eStargz chunk size (default 4 MiB); zstd:chunked: fixed N-byte chunks instead of "
+        "the rolling checksum",
+    )
+    conv.add_argument(
+        "--prioritize",
+        action="append",
+        metavar="PATH",
+        help="layer: put PATH first, before .prefetch.landmark (repeatable)",
+    )
+    conv.add_argument("--prioritize-file", metavar="FILE", help="layer: paths, one per line")
+    conv.add_argument(
+        "--annotations-out", metavar="FILE", help="layer: also write the layer annotations"
+    )
+    conv.add_argument("--platform", help="image: os/arch[/variant] or all (default: this host)")
+    conv.add_argument("--json", action="store_true", help="image: print the result as JSON")
+    conv.add_argument(
+        "--record-dir", metavar="DIR", help="image: conversion records (default ~/.cache/als)"
+    )
+    conv.add_argument("--no-record", action="store_true", help="image: keep no records")
+    conv.add_argument("--registries-conf", metavar="FILE", help="image: registries.conf to use")
+    conv.add_argument("--authfile", metavar="FILE", help="image: credentials file")
+    conv.add_argument(
+        "--optimize",
+        action="store_true",
+        help="image: run it with podman, put the files it opens first",
+    )
+    conv.add_argument(
+        "--optimize-seconds", type=float, default=10.0, metavar="N", help="run time (default 10)"
+    )
+    conv.add_argument(
+        "--optimize-allow-failure",
+        action="store_true",
+        help="keep what was recorded when the command fails",
+    )
+    conv.add_argument(
+        "--optimize-network", action="store_true", help="give the optimize run a network"
+    )
+    conv.add_argument(
+        "--optimize-run-arg",
+        action="append",
+        metavar="ARG",
+        help="an extra podman run argument, e.g. --optimize-run-arg=--runtime=runc (repeatable)",
+    )
 
 
 def convert_main(args: argparse.Namespace) -> int:
-    """CLI entry: writes the blob to DEST and prints a JSON description on stdout.
+    if args.src.startswith(IMAGE_PREFIXES) or args.dest.startswith(IMAGE_PREFIXES):
+        return _image_main(args)
+    if args.command or args.optimize:
+        raise ConfigError("--optimize and a command need an image (docker://, oci:...)")
+    return _layer_main(args)
+
+
+# ---- one layer --------------------------------------------------------------------------------
+
+
+def _layer_main(args: argparse.Namespace) -> int:
+    """Write the blob to DEST and print a JSON description on stdout.
 
     ``--annotations-out FILE`` also writes the layer annotations (a plain JSON object of
     strings, the form ``als inspect --annotations`` reads).
     """
+    from als.convert.layer import build, read_tar
     from als.fsutil import write_atomic
 
     src = Path(args.src)
@@ -110,7 +120,9 @@ def convert_main(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise AlsError(f"cannot read {args.prioritize_file}: {exc.strerror}") from None
         prioritized += [line.strip() for line in text.splitlines() if line.strip()]
-    layer = convert(
+    if prioritized and args.format not in ("estargz", "estargz-zstd"):
+        raise ConfigError(f"prioritized files need an eStargz format, not {args.format}")
+    layer = build(
         read_tar(data, name=str(src)),
         args.format,
         chunk_size=args.chunk_size,
@@ -125,5 +137,89 @@ def convert_main(args: argparse.Namespace) -> int:
             )
     except OSError as exc:
         raise AlsError(f"cannot write {exc.filename or args.dest}: {exc.strerror}") from None
-    print(json.dumps(describe(layer), indent=2))
+    out = {
+        "format": layer.format,
+        "digest": layer.digest,
+        "size": layer.size,
+        "diff_id": layer.diff_id,
+        "toc_digest": layer.toc_digest,
+        "media_type": layer.media_type,
+        "annotations": layer.annotations,
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+# ---- whole images -----------------------------------------------------------------------------
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+class _Progress:
+    """One line per event on stderr when it is a terminal (or always with ``verbose``)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.monotonic()
+
+    def __call__(self, e: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        kind = e.get("event")
+        if kind == "layer":
+            line = (
+                f"layer {e['index']}/{e['count']} {e['platform']} {e['source'][7:19]} "
+                f"{e['source_format']} -> {e['action']}"
+            )
+            if e["action"] == "converted":
+                line += (
+                    f": {_mb(e['bytes_in'])} in, {_mb(e['bytes_out'])} out, {e['seconds']:.1f}s,"
+                    f" {e['files_verified']} files verified"
+                )
+        elif kind == "write":
+            line = f"blob {e['digest'][7:19]}: {e['how']} ({_mb(e['size'])})"
+        else:
+            line = str(e.get("message", e))
+        print(f"[{time.monotonic() - self.start:6.1f}s] {line}", file=sys.stderr, flush=True)
+
+
+def _image_main(args: argparse.Namespace) -> int:
+    from als.convert.run import Request, convert_image
+
+    if args.prioritize or args.prioritize_file or args.annotations_out:
+        raise ConfigError("--prioritize, --prioritize-file and --annotations-out are for layers")
+    req = Request(
+        src=args.src,
+        dest=args.dest,
+        fmt=args.format,
+        platform=args.platform,
+        chunk_size=args.chunk_size,
+        record_dir=args.record_dir,
+        no_record=args.no_record,
+        registries_conf=args.registries_conf,
+        authfile=args.authfile,
+        optimize=args.optimize,
+        optimize_seconds=args.optimize_seconds,
+        optimize_command=list(args.command),
+        optimize_allow_failure=args.optimize_allow_failure,
+        optimize_network=args.optimize_network,
+        podman_run_args=list(args.optimize_run_arg or []),
+    )
+    if args.command and not args.optimize:
+        raise ConfigError("a command after -- is only used with --optimize")
+    result = convert_image(req, _Progress(sys.stderr.isatty() or bool(args.verbose)))
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+        return 0
+    layers = [ly for im in result.images for ly in im.layers]
+    converted = sum(1 for ly in layers if ly.action == "converted")
+    print(
+        f"{result.destination}@{result.digest}: {len(result.images)} image(s), "
+        f"{len(layers)} layers ({converted} converted, "
+        f"{sum(1 for ly in layers if ly.action == 'recorded')} from records, "
+        f"{sum(1 for ly in layers if ly.action == 'kept')} kept), "
+        f"{_mb(result.written_bytes)} written, {result.seconds:.1f}s"
+    )
     return 0

@@ -357,6 +357,44 @@ class RegistryClient:
             ),
         )
 
+    def manifest(
+        self, ref: ImageRef | str, *, deadline: float | None = None
+    ) -> tuple[bytes, str, str]:
+        """The manifest (or index) ``ref`` names, as stored: ``(body, digest, media type)``.
+
+        No platform is selected; the body is checked against the digest asked for (or the
+        registry's ``Docker-Content-Digest``) and is at most ``MAX_MANIFEST_SIZE`` bytes."""
+        r = self._ref(ref)
+        dl = self._deadline(deadline)
+        reference = r.digest or r.tag or "latest"
+        sources = [(ep, ep.repository) for ep in self.conf.endpoints(r)]
+        what = f"manifest of {r}"
+
+        def get(ep: Endpoint, repo: str) -> tuple[bytes, str, str]:
+            body, digest, ctype = self._get_manifest(ep, reference, dl)
+            mtype = media_type(parse_json(body, f"manifest {ep}:{reference}"), ctype)
+            return body, digest, mtype
+
+        return self._retrying(what, dl, lambda: self._over_sources(what, sources, get))
+
+    def fetch_blob(
+        self, ref: ImageRef | str, digest: str, *, size: int = -1, max_size: int | None = None
+    ) -> bytes:
+        """The whole blob ``digest``, verified against its digest (and ``size`` when >= 0).
+
+        A blob larger than ``max_size`` (or than ``size`` when given) is refused as soon as
+        that many bytes have arrived."""
+        limit = size if size >= 0 else max_size
+        what = f"blob {digest} of {self._ref(ref)}"
+        buf = bytearray()
+        for piece in self.open_blob(ref, digest):
+            buf += piece
+            if limit is not None and len(buf) > limit:
+                raise VerifyError(f"{what}: more than {limit} bytes")
+        data = bytes(buf)
+        check_blob(data, digest, size, what)
+        return data
+
     def _get_manifest(
         self, ep: Endpoint, reference: str, deadline: float
     ) -> tuple[bytes, str, str]:

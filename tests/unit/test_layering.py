@@ -7,6 +7,8 @@
   fsutil.py) import only the standard library and each other;
 - the store imports the registry's types, never its client (only the daemon wires one in);
 - the registry never imports the store; nothing but the CLI imports the CLI; nothing imports tests;
+- image conversion (als/convert/) imports no FUSE or trio code, of the store only its disk-cache
+  records, and only the CLI imports it;
 - ``als status`` imports only the standard library and als/paths.py.
 """
 
@@ -87,6 +89,19 @@ def test_the_registry_never_imports_the_store() -> None:
             assert not under(imps, "als.store"), m
 
 
+def test_image_conversion_is_a_library_apart() -> None:
+    """als/convert/ uses the registry client, the formats and (for --optimize) the store's
+    disk-cache records, never FUSE or trio; nothing but the CLI imports it."""
+    for m, imps in modules().items():
+        if m.startswith("als/convert/"):
+            bad = {i for i in imps if i.split(".")[0] in {"trio", "pyfuse3", "requests"}}
+            bad |= under(imps, "als.cli")
+            bad |= under(imps, "als.store") - under(imps, "als.store.cache.records")
+            assert not bad, (m, bad)
+        elif not m.startswith("als/cli/"):
+            assert not under(imps, "als.convert"), m
+
+
 def test_the_package_never_imports_tests() -> None:
     for m, imps in modules().items():
         assert not under(imps, "tests"), m
@@ -135,6 +150,7 @@ def test_the_parser_imports_no_command() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PKG.parent
     ).stdout.split()
     als = {m for m in out if m.split(".")[0] == "als"}
-    assert als <= {"als", "als.cli", "als.cli.convert", "als.errors", "als.paths"}, als
+    allowed = {"als", "als.cli", "als.cli.convert", "als.errors", "als.paths", "als.oci"}
+    assert als <= allowed | {"als.digest"}, als
     heavy = {"zstandard", "isal", "trio", "pyfuse3", "requests", "urllib3", "prometheus_client"}
     assert not heavy & {m.split(".")[0] for m in out}

@@ -28,6 +28,12 @@ def test_toc_digest_keys_in_order_and_malformed_values_ignored() -> None:
         (oci.OCI_LAYER_GZIP, {oci.ANN_TOC_DIGEST: D1}, "estargz"),
         (oci.OCI_LAYER_ZSTD, {oci.ANN_TOC_DIGEST: D1}, "estargz-zstd"),
         (oci.OCI_LAYER_ZSTD, {oci.ANN_MANIFEST_CHECKSUM: D1}, "zstd-chunked"),
+        # stargz-snapshotter's zstd variant carries both keys (docs/formats.md)
+        (
+            oci.OCI_LAYER_ZSTD,
+            {oci.ANN_TOC_DIGEST: D1, oci.ANN_LEGACY_MANIFEST_CHECKSUM: D2},
+            "estargz-zstd",
+        ),
         (oci.OCI_LAYER_ZSTD, {oci.ANN_LEGACY_MANIFEST_CHECKSUM: D1}, "zstd-chunked"),
         (oci.OCI_LAYER_ZSTD, {}, "zstd"),
         (oci.DOCKER_LAYER_GZIP, {}, "gzip"),

@@ -178,7 +178,7 @@ def test_container_stopped_across_restart_starts_again(
         # is not connected"; busybox's exec or cat reports it) until the container restarts.
         assert PODMAN is not None
         dead = subprocess.run(
-            [PODMAN, "exec", name, "/bin/busybox", "cat", "/etc/motd"],
+            [PODMAN, "--tmpdir", str(pm.tmpdir), "exec", name, "/bin/busybox", "cat", "/etc/motd"],
             env=pm.env,
             capture_output=True,
             text=True,

@@ -64,6 +64,10 @@ class Podman:
         # podman's cleanup process refuses a runroot longer than 50 characters (and then
         # `podman run --rm` waits 20 s for it): keep it short, outside the test's tmp dir.
         self.runroot = Path(tempfile.mkdtemp(prefix="als-pm-", dir="/tmp"))
+        # libpod's own state (the "alive" file, locks, exit codes) goes under the runroot too,
+        # not the host-wide /run/libpod: `reset()` then removes only this podman's state, and
+        # two test runs (or a test and a user's podman) cannot break each other.
+        self.tmpdir = self.runroot / "libpod"
         self.base.mkdir(parents=True, exist_ok=True)
         self.storage_conf = base / "storage.conf"
         opts = ""
@@ -85,7 +89,7 @@ class Podman:
         assert PODMAN is not None
         t = time.monotonic()
         p = subprocess.run(
-            [PODMAN, *args],
+            [PODMAN, "--tmpdir", str(self.tmpdir), *args],
             check=False,
             env=self.env,
             capture_output=True,

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from als.digest import hex_of
 from als.errors import AlsError, VerifyError
 from als.extract import extract_index
-from als.formats import LayerIndex
+from als.formats import EntryType, LayerIndex
 from als.fsutil import remove_tree
 from als.store.context import StoreContext
 
@@ -188,6 +188,16 @@ def unpack(
         os.close(fd)
 
 
+def unpacked_size(index: LayerIndex) -> int:
+    """About the bytes a layer's tree takes on disk: file sizes in blocks, a block an entry."""
+    total = 0
+    for i in index.iter_ids():
+        if index.type(i) == EntryType.REG:
+            total += -(-index.size(i) // 4096) * 4096
+        total += 4096 if index.type(i) == EntryType.DIR else 0
+    return total
+
+
 def _sync_fs(path: Path) -> None:
     """syncfs(2) of the filesystem holding ``path`` (sync(2) where libc lacks it)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -280,6 +290,21 @@ class NativeLayers:
             tree = None
         if tree is None:
             if digest in self._making or digest in self._failed:
+                return
+            disk = self._ctx.disk
+            assert disk is not None
+            need = unpacked_size(layer.index)
+            if disk.limit and need > disk.limit // 2:
+                # Like a download larger than half the limit: a tree that would crowd out
+                # everything else (and, in use, could never be evicted) is not made.
+                self._failed[digest] = "too large for the cache limit"
+                log.warning(
+                    "native-skip layer=%s: about %d bytes unpacked is more than half the cache "
+                    "limit (%d bytes)",
+                    digest,
+                    need,
+                    disk.limit,
+                )
                 return
             tree = await self._unpack(layer, opaque)
             if tree is None:

@@ -232,3 +232,22 @@ def test_names_a_layer_lacks_are_remembered_by_the_kernel(tmp_path: Path) -> Non
         # One lookup per missing name (etc/missing.so; usr/lib/python3.11 itself is missing,
         # so the walk stops there): the kernel keeps the negative entries for layer_ttl.
         assert m.ops.requests["lookup"] - before == 2
+
+
+def test_a_tree_larger_than_half_the_cache_limit_is_not_made(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Zeros: a tiny blob (so it is downloaded) that unpacks to more than half of 1 MiB.
+    layer = make_layer({"big/zeros": bytes(900_000), "small": b"s"}, "estargz")
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    caplog.set_level("INFO", logger="als.store.native")
+    cfg: dict[str, Any] = {"background_fetch": True, "background_delay": 0, "cache_limit_mb": 1}
+    with ThreadMount(tmp_path / "als", src, **cfg) as m:
+        diff = m.layer_dir(REF, layer.digest) / "diff"
+        assert (diff / "small").read_bytes() == b"s"
+        wait(lambda: m.ops.manager.layers[layer.digest].complete)
+        wait(lambda: "native-skip" in caplog.text)
+        assert native_of(m, layer.digest) is None
+        assert not diff.is_symlink() and (diff / "big/zeros").stat().st_size == 900_000
+    assert not any((tmp_path / "als" / "cache" / "native").iterdir())

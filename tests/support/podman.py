@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,16 @@ def e2e_marks() -> list[pytest.MarkDecorator]:
     ]
 
 
-def write_registries_conf(path: Path, insecure_hosts: list[str]) -> Path:
+def write_registries_conf(
+    path: Path, insecure_hosts: list[str], mirrors: Mapping[str, str] | None = None
+) -> Path:
+    """A registries.conf: each host insecure (plain http); ``mirrors`` maps a host to the
+    (insecure) mirror that podman and als ask first."""
     lines = ["unqualified-search-registries = []", ""]
     for host in insecure_hosts:
         lines += ["[[registry]]", f'location = "{host}"', "insecure = true", ""]
+        if mirrors and host in mirrors:
+            lines += ["[[registry.mirror]]", f'location = "{mirrors[host]}"', "insecure = true", ""]
     path.write_text("\n".join(lines))
     return path
 

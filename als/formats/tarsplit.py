@@ -470,30 +470,40 @@ def assemble_tar(tarsplit: bytes, content: Callable[[str, bytes], bytes]) -> byt
 def tarsplit_size(tarsplit: bytes, *, layer: str = "") -> int:
     """The size of the tar a tar-split document describes: its raw segments and the payload
     sizes of its members (what containers/storage counts as a layer's uncompressed size)."""
+    lines = [line for line in tarsplit.splitlines() if line.strip()]
+    pre = f"layer {layer}: tar-split" if layer else "tar-split"
+    # One parse of the whole document (a JSON array of its lines) instead of one per line: a
+    # layer has tens of thousands of lines, and this runs while podman waits for a lookup.
+    try:
+        entries = json.loads(b"[" + b",".join(lines) + b"]")
+    except ValueError:
+        entries = None
+    if not isinstance(entries, list) or len(entries) != len(lines):
+        # Say which line is bad (and refuse a line that holds more than one value).
+        for lineno, line in enumerate(lines, 1):
+            try:
+                json.loads(line)
+            except ValueError as exc:
+                raise FormatError(f"{pre} line {lineno}: invalid JSON ({exc})") from None
+        raise FormatError(f"{pre}: a line holds more than one JSON value")
     total = 0
-    for lineno, line in enumerate(tarsplit.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"layer {layer}: tar-split line {lineno}" if layer else f"tar-split line {lineno}"
-        try:
-            e = json.loads(line)
-        except ValueError as exc:
-            raise FormatError(f"{where}: invalid JSON ({exc})") from None
+    for lineno, e in enumerate(entries, 1):
         if not isinstance(e, dict):
-            raise FormatError(f"{where}: not an object")
-        if e.get("type") == SEGMENT_TYPE:
+            raise FormatError(f"{pre} line {lineno}: not an object")
+        kind = e.get("type")
+        if kind == SEGMENT_TYPE:
             payload = e.get("payload")
             if not isinstance(payload, str):
-                raise FormatError(f"{where}: segment without a payload")
+                raise FormatError(f"{pre} line {lineno}: segment without a payload")
             try:
                 total += len(base64.b64decode(payload, validate=True))
             except ValueError:
-                raise FormatError(f"{where}: invalid base64 payload") from None
-        elif e.get("type") == FILE_TYPE:
+                raise FormatError(f"{pre} line {lineno}: invalid base64 payload") from None
+        elif kind == FILE_TYPE:
             size = e.get("size", 0)
             if type(size) is not int or size < 0:
-                raise FormatError(f"{where}: invalid size")
+                raise FormatError(f"{pre} line {lineno}: invalid size")
             total += size
         else:
-            raise FormatError(f"{where}: unknown entry type {e.get('type')!r}")
+            raise FormatError(f"{pre} line {lineno}: unknown entry type {kind!r}")
     return total

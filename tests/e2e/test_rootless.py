@@ -6,7 +6,9 @@ pause process, joined with nsenter as ``podman unshare`` joins it): there the us
 the FUSE mount needs neither fusermount3 nor ``user_allow_other``, and the kernel maps the
 owners als reports through the user's subuid range exactly as it maps the files of a normal
 rootless pull (uid 0 is the user, uid 1000 is the subuid range's start + 999). Run in the
-host's namespaces instead, als-mount is refused (``test_host_namespace_mount_refused``).
+host's namespaces instead, als-mount is refused (``test_host_namespace_mount_refused``), and
+with ``user_allow_other`` it serves layers whose owners podman's namespace cannot map, so
+containers do not start (``test_host_namespace_store_with_user_allow_other``).
 
 The user needs a /dev/fuse it may open. udev's default rules make it 0666; a machine without
 udev may leave it 0600 (root only): then each of the user's commands runs in a private mount
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import os
 import pwd
 import secrets
@@ -106,6 +109,8 @@ class User:
     # A 0666 FUSE device node bound over /dev/fuse in the private mount namespace of every
     # command the user runs (when the host's is not usable by others), or None.
     fuse_node: Path | None = None
+    # Run the user's commands in this process's mount namespace instead (see ``holder``).
+    mount_ns_of: int | None = None
 
     @property
     def home(self) -> Path:
@@ -128,7 +133,9 @@ class User:
 
     def argv(self, *cmd: str, fuse_node: bool = True) -> list[str]:
         prefix: list[str] = []
-        if fuse_node and self.fuse_node is not None:
+        if self.mount_ns_of is not None:
+            prefix = ["nsenter", f"--mount=/proc/{self.mount_ns_of}/ns/mnt", "--"]
+        elif fuse_node and self.fuse_node is not None:
             prefix = [
                 "unshare",
                 "--mount",
@@ -277,7 +284,19 @@ class UserPodman:
         self.graphroot = user.home / ".local" / "share" / "containers" / "storage"
 
     def __call__(self, *args: str, timeout: float = 300, check: bool = True) -> str:
-        p = subprocess.run(
+        p = self.run(*args, timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args)} failed ({p.returncode}):\n{p.stderr}")
+        return p.stdout
+
+    def fails(self, *args: str, timeout: float = 300) -> str:
+        """podman's error output of a command that must fail."""
+        p = self.run(*args, timeout=timeout)
+        assert p.returncode != 0, (args, p.stdout)
+        return p.stderr
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             self.user.argv("podman", *args),
             env={**self.user.env(), "CONTAINERS_REGISTRIES_CONF": str(self.registries_conf)},
             cwd=self.user.home,
@@ -287,9 +306,6 @@ class UserPodman:
             stdin=subprocess.DEVNULL,
             check=False,
         )
-        if check and p.returncode != 0:
-            raise AssertionError(f"podman {' '.join(args)} failed ({p.returncode}):\n{p.stderr}")
-        return p.stdout
 
     def pause_pid(self) -> int:
         self("unshare", "true")  # starts podman's pause process, which keeps the namespaces
@@ -500,3 +516,79 @@ def test_host_namespace_mount_refused(user: User, user_regconf: Path, dev_fuse: 
     assert rc != 0
     assert message in store.log()
     assert "RuntimeError: fuse_session_mount failed" in store.log()
+
+
+def test_host_namespace_store_with_user_allow_other(
+    user: User, registry: RegistryServer, user_regconf: Path
+) -> None:
+    """What ``user_allow_other`` would give: als-mount as the user in the host's user
+    namespace (through fusermount3), podman's overlay in its own. /etc/fuse.conf is not
+    edited: a copy with ``user_allow_other`` is bound over it in a private mount namespace
+    that als-mount and podman share."""
+    conf = user.base / "fuse.conf"
+    conf.write_text("user_allow_other\n")
+    conf.chmod(0o644)
+    binds = 'mount --bind "$0" /etc/fuse.conf'
+    if user.fuse_node is not None:
+        binds += f' && mount --bind "{user.fuse_node}" /dev/fuse'
+    holder = subprocess.Popen(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "slave",
+            "--",
+            "sh",
+            "-c",
+            binds + " && exec sleep 600",
+            str(conf),
+        ]
+    )
+    pause = user.runtime_dir / "libpod" / "tmp" / "pause.pid"
+    try:
+        end = time.monotonic() + 10
+        while not mounted_in(holder.pid, Path("/etc/fuse.conf")):
+            assert holder.poll() is None and time.monotonic() < end
+            time.sleep(0.05)
+        # podman's next command makes its namespaces afresh, from the holder's
+        if pause.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pause.read_text()), 9)
+        ns_user = dataclasses.replace(user, mount_ns_of=holder.pid)
+        ref, layers = push_app(registry, "rootless/host-ns")
+        root = user.home / "als-allow-other"
+        store = UserStore(
+            ns_user, root, ["--registries-conf", str(user_regconf), "--no-background-fetch"], None
+        )
+        podman = UserPodman(ns_user, user_regconf, store.pool)
+        try:
+            store.wait_mounted()
+            mark = registry.mark()
+            podman("pull", "--tls-verify=false", ref)  # lazy, as in podman's namespaces
+            b64ref = base64.b64encode(ref.encode()).decode()
+            diff = store.pool / b64ref / layers[0].digest / "diff"
+            assert str(diff) in podman.layer_diff_links().values(), podman.layer_diff_links()
+            sent = registry.blob_bytes_sent(layers[0].digest, since=mark)
+            assert sent < 0.5 * layers[0].size, (sent, layers[0].size)
+
+            # but the owners do not map: podman's user namespace maps only the user's own
+            # uid (to 0) and its subuids, so the image's uids, seen as host uids, are nobody
+            # there (the overflow id, 65534), unless one is the user's own
+            def seen(uid: int, gid: int) -> str:
+                return f"{0 if uid == user.uid else 65534}:{0 if gid == user.gid else 65534}"
+
+            owners = {"etc/motd": (0, 0), "home/app": (1000, 1000), "data": (1001, 1002)}
+            out = podman("unshare", "stat", "-c", "%u:%g", *(str(diff / p) for p in owners))
+            assert out.split() == [seen(*ids) for ids in owners.values()]
+            # and the container cannot start: its root may not write into the image's /etc
+            err = podman.fails("run", "--rm", *RUN_FLAGS, ref, "sh", "-c", CMD)
+            assert "Error: creating /etc/mtab symlink: permission denied" in err, err
+        finally:
+            store.stop()
+            podman("system", "reset", "--force", check=False)
+    finally:
+        if pause.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pause.read_text()), 9)
+        holder.kill()
+        holder.wait()

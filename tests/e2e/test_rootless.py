@@ -25,6 +25,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -489,6 +490,71 @@ def test_native_layers(user: User, registry: RegistryServer, user_regconf: Path)
         assert (tree / "home/app/data.txt").stat().st_uid == subuid[0] + 999
         # a container started now reads the native trees, and sees the same
         assert podman("run", "--rm", *RUN_FLAGS, ref, "sh", "-c", CMD) == EXPECTED
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def test_podman_unshare_serves_but_does_not_pass_signals(
+    user: User, registry: RegistryServer, user_regconf: Path
+) -> None:
+    """``podman unshare als-mount ROOT`` enters the same namespaces and serves as well, but
+    podman 4.3.1 runs the command as its child and does not pass SIGTERM on: als-mount
+    stays, mounted, when the ``podman unshare`` process ends. Stop als-mount itself."""
+    ref, _ = push_app(registry, "rootless/unshare")
+    root = user.home / "als-unshare"
+    user.run("mkdir", "-p", str(root / ".pool"))
+    podman = UserPodman(user, user_regconf, root / ".pool")
+    pause = podman.pause_pid()
+    argv = [*python_for(user), "-m", "als.cli.mount", str(root), "--no-background-fetch"]
+    argv += ["--registries-conf", str(user_regconf)]
+    with open(user.base / "unshare-als.log", "ab") as logf:
+        proc = subprocess.Popen(
+            user.argv("podman", "unshare", *argv),
+            env={**user.env(), **python_env()},
+            cwd=user.home,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
+    served: int | None = None
+    try:
+        end = time.monotonic() + 20
+        while not mounted_in(pause, root / ".pool"):
+            assert proc.poll() is None and time.monotonic() < end
+            time.sleep(0.05)
+        found = [c for c in children(proc.pid) if "als.cli.mount" in cmdline(c)]
+        assert len(found) == 1, found
+        served = found[0]
+        podman("pull", "--tls-verify=false", ref)
+        assert podman("run", "--rm", *RUN_FLAGS, ref, "sh", "-c", CMD) == EXPECTED
+        proc.terminate()
+        proc.wait(20)
+        time.sleep(0.5)
+        assert mounted_in(pause, root / ".pool")
+        assert "als.cli.mount" in cmdline(served)
+        os.kill(served, signal.SIGTERM)  # als-mount itself unmounts and exits
+        end = time.monotonic() + 20
+        while mounted_in(pause, root / ".pool"):
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        assert Path(f"/proc/{pause}").exists()  # the namespaces are still there, unmounted
+    finally:
+        proc.kill()
+        proc.wait()
+        if served is not None and "als.cli.mount" in cmdline(served):
+            os.kill(served, signal.SIGKILL)
+        podman("system", "reset", "--force", check=False)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 @pytest.mark.parametrize("dev_fuse", ["host", "usable"])

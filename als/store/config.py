@@ -71,7 +71,8 @@ class StoreConfig:
     native_layers: bool = True
     # The xattr that marks an opaque directory for overlayfs: "trusted" (rootful overlay),
     # "user" (overlay mounted with userxattr, rootless), "both", or "auto" (trusted when
-    # als-mount runs as root, else user), in the FUSE view and in native trees alike.
+    # als-mount runs as root in the initial user namespace, else user), in the FUSE view and
+    # in native trees alike.
     opaque_xattr: str = "auto"
     # Kernel cache timeouts (seconds): layer contents never change.
     layer_ttl: float = 3600.0
@@ -113,13 +114,28 @@ class StoreConfig:
         """The xattr names an opaque directory answers with ``y``."""
         mode = self.opaque_xattr
         if mode == "auto":
-            mode = "trusted" if os.geteuid() == 0 else "user"
+            mode = "trusted" if host_root() else "user"
         if mode == "both":
             return OPAQUE_XATTRS
         return (TRUSTED_OPAQUE_XATTR,) if mode == "trusted" else (USER_OPAQUE_XATTR,)
 
 
 _OPAQUE_CHOICES = ("auto", "trusted", "user", "both")
+
+INITIAL_UID_MAP = ["0", "0", "4294967295"]
+
+
+def host_root(uid_map: str = "/proc/self/uid_map") -> bool:
+    """True when this process is root in the initial user namespace. Root inside a user
+    namespace (als-mount run in rootless podman's, as ``podman unshare`` does) is not: its
+    overlay mounts use ``userxattr``, so opaque directories need ``user.overlay.opaque``."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        with open(uid_map, encoding="ascii") as f:
+            return f.read().split() == INITIAL_UID_MAP
+    except OSError:
+        return True  # no /proc: nothing tells of a user namespace
 
 
 def _check(name: str, default: object, value: object) -> object:

@@ -9,13 +9,16 @@ store by TOC digest and only for layers that have one. Laziness is proven as the
 from __future__ import annotations
 
 import base64
+import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from als.oci import OCI_MANIFEST, toc_digest_of
 from tests.e2e.test_podman import CMD, UPPER, base_spec
 from tests.support.layers import BuiltLayer, make_layer
 from tests.support.mount import ProcessMount
@@ -229,3 +232,39 @@ def test_stop_start_after_als_restart(
                 p("umount", name)
         finally:
             m.stop()
+
+
+def test_zstd_chunked_pushed_by_podman_itself(
+    registry: RegistryServer, als: ProcessMount, pm: TrixiePodman, baseline: str
+) -> None:
+    """podman 5.4 converts a gzip image to zstd:chunked on push; that image is served lazily."""
+    src = f"{registry.host}/m54/plain:1"  # the baseline's gzip image
+    dst = f"{registry.host}/m54/podman-made:1"
+    pm("pull", "--tls-verify=false", src)
+    pm(
+        "push",
+        "--tls-verify=false",
+        "--compression-format",
+        "zstd:chunked",
+        "--force-compression",
+        src,
+        dst,
+    )
+    pm("rmi", "-f", src)
+    url = f"{registry.url}/v2/m54/podman-made/manifests/1"  # the local registry, http
+    req = urllib.request.Request(url, headers={"Accept": OCI_MANIFEST})  # noqa: S310
+    with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+        manifest = json.loads(resp.read())
+    layers = manifest["layers"]
+    tocs = [toc_digest_of(layer.get("annotations", {})) for layer in layers]
+    assert all(tocs), layers  # podman wrote the zstd:chunked annotations
+    mark = registry.mark()
+    pm("pull", "--tls-verify=false", dst)
+    assert pm("run", "--rm", "--network=none", dst, "sh", "-c", CMD).stdout == baseline
+    links = set(pm.layer_diff_links().values())
+    log = als.log()
+    for layer, toc in zip(layers, tocs, strict=True):
+        assert pool_path(dst, str(toc)) in links, (toc, links)
+        assert f"layer-ready ref={dst} digest={toc} format=zstd-chunked" in log
+        assert registry.blob_bytes_sent(layer["digest"], since=mark) < layer["size"]
+    pm("rmi", "-f", dst)

@@ -110,8 +110,10 @@ def render_status(status: StoreStatus | Mapping[str, Any]) -> str:
         lines.append("no layers in use")
         return "\n".join(lines) + "\n"
 
-    header = ["LAYER", "FORMAT", "SIZE", "CACHED", "%", "PROGRESS", "BACKGROUND", "USES", "REFS"]
-    right = {2, 3, 4, 7}  # numeric columns
+    header = [
+        "LAYER", "FORMAT", "SIZE", "CACHED", "%", "PROGRESS", "BACKGROUND", "NATIVE", "USES", "REFS"
+    ]  # fmt: skip
+    right = {2, 3, 4, 8}  # numeric columns
     rows: list[tuple[list[str], str | None]] = []
     for layer in layers:
         pct = _percent(layer)
@@ -126,6 +128,7 @@ def render_status(status: StoreStatus | Mapping[str, Any]) -> str:
             f"{pct:.1f}",
             bar,
             background,
+            "yes" if layer.get("native") else "no",
             str(layer.get("uses", 0)),
             ", ".join(str(r) for r in refs) if isinstance(refs, list) else str(refs),
         ]

@@ -49,6 +49,7 @@ def fake_status() -> dict[str, Any]:
                 "cached_bytes": 250,
                 "cached_percent": 25.0,
                 "complete": False,
+                "native": False,
                 "background": "running",
                 "uses": 1,
                 "entries": 812,
@@ -65,6 +66,7 @@ def fake_status() -> dict[str, Any]:
                 "cached_bytes": 3 * GiB,
                 "cached_percent": 100.0,
                 "complete": True,
+                "native": True,
                 "background": "done",
                 "uses": 2,
                 "entries": 40000,
@@ -126,6 +128,7 @@ def test_status_gauges_follow_the_status_dict() -> None:
         assert value(text, "als_layer_cached_bytes", digest=d) == layer["cached_bytes"]
         assert value(text, "als_layer_uses", digest=d) == layer["uses"]
         assert value(text, "als_layer_complete", digest=d) == (1 if layer["complete"] else 0)
+        assert value(text, "als_layer_native", digest=d) == (1 if layer["native"] else 0)
         assert value(text, "als_layer_read_errors_total", digest=d) == layer["read_errors"]
 
 

@@ -127,7 +127,7 @@ def test_render_one_row_per_layer() -> None:
     text = render_status(status)
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("LAYER"))
-    for name in ("FORMAT", "SIZE", "CACHED", "PROGRESS", "BACKGROUND", "USES", "REFS"):
+    for name in ("FORMAT", "SIZE", "CACHED", "PROGRESS", "BACKGROUND", "NATIVE", "USES", "REFS"):
         assert name in header
     for layer in status["layers"]:
         _, row = _row_for(text, layer)
@@ -140,6 +140,8 @@ def test_render_one_row_per_layer() -> None:
         assert row.endswith(last)
         # Columns line up under their headings (USES is right-aligned).
         assert row.index(layer["background"]) == header.index("BACKGROUND")
+        native = "yes" if layer.get("native") else "no"
+        assert row[header.index("NATIVE") :].startswith(native)
         uses_end = header.index("USES") + len("USES")
         assert row[:uses_end].endswith(f" {layer['uses']}")
         has_bar = re.search(rf"\[[#.]{{{BAR_CELLS}}}\]", row)

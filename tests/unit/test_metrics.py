@@ -83,6 +83,7 @@ def fake_status() -> dict[str, Any]:
                 "cached_bytes": 0,
                 "cached_percent": 0.0,
                 "complete": False,
+                "native": False,
                 "background": "failed",
                 "uses": 0,
                 "entries": 3,

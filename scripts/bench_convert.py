@@ -176,25 +176,56 @@ def manifest_layers(env: bp.Env, ref: str) -> list[dict[str, Any]]:
     return layers
 
 
-def podman_push(pm: Any, src: str, dest: str) -> float:
-    """Seconds of ``podman push --compression-format zstd:chunked`` of local image ``src``.
+HOST_CACHE = "/var/lib/containers/cache"
 
-    podman 4.3.1 has no ``--force-compression``: a layer whose blob it knows to be in the
-    registry already (its blob-info cache, under the storage's graphroot, remembers where the
-    pull found the gzip blobs) is mounted across repositories as gzip instead of compressed.
-    Dropping that cache (untimed) makes it compress every layer; the result is checked."""
-    for p in (pm.graphroot / "cache").glob("blob-info-cache*"):
-        p.unlink()
-    took: float = pm(
+
+def private_cache_argv(cache: Path, argv: Sequence[str]) -> list[str]:
+    """``argv`` in a private mount namespace where ``cache`` is bind-mounted over podman's
+    blob-info cache directory (the host's own cache is neither read nor written)."""
+    script = f'mkdir -p {HOST_CACHE} && mount --bind "$0" {HOST_CACHE} && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(cache), *argv]
+
+
+def podman_cmd(pm: Any, cache: Path, *args: str, timeout: float = 3600) -> float:
+    """Seconds of ``podman ARGS`` in ``pm``'s storage with blob-info cache ``cache``.
+
+    podman 4.3.1 has no ``--force-compression``: a layer its blob-info cache (root's is
+    host-wide) says the registry already has, gzip or not, is mounted across repositories
+    instead of compressed. A cache of its own per command keeps it from knowing any."""
+    from tests.support.podman import PODMAN
+
+    assert PODMAN is not None
+    cache.mkdir(parents=True, exist_ok=True)
+    argv = private_cache_argv(cache, [PODMAN, "--tmpdir", str(pm.tmpdir), *args])
+    t0 = time.monotonic()
+    p = subprocess.run(
+        argv,
+        env=pm.env,
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+    )
+    took = time.monotonic() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{NAME}: podman {' '.join(args)} failed ({p.returncode}):\n{p.stderr}")
+    return took
+
+
+def podman_push(pm: Any, cache: Path, src: str, dest: str) -> float:
+    """Seconds of ``podman push --compression-format zstd:chunked`` of local image ``src``, with
+    an empty blob-info cache ``cache`` (see ``podman_cmd``; the result is checked)."""
+    return podman_cmd(
+        pm,
+        cache,
         "push",
         "--tls-verify=false",
         "--compression-format",
         "zstd:chunked",
         src,
         f"docker://{dest}",
-        timeout=3600,
-    ).seconds
-    return took
+    )
 
 
 # --- the rows ---------------------------------------------------------------------------------
@@ -302,7 +333,7 @@ def bench(env: bp.Env, w: Workload, args: argparse.Namespace, out: bp.Output) ->
     pm = env.podman(None)
     try:
         out.say(f"convert {w.name}: podman pull of gzip (untimed) ...")
-        pm.pull(src)
+        podman_cmd(pm, env.fresh("blob-info-cache"), "pull", "--tls-verify=false", src)
         for rep in range(args.repeat):
             out.say(f"convert {w.name}: repetition {rep + 1}/{args.repeat}: als convert ...")
             dest = f"{host}/bench/{w.name}-als{rep + 1}:estargz"
@@ -310,7 +341,7 @@ def bench(env: bp.Env, w: Workload, args: argparse.Namespace, out: bp.Output) ->
             als_t.append(t)
             out.say(f"convert {w.name}: als convert {t:.1f} s; podman push zstd:chunked ...")
             pdest = f"{host}/bench/{w.name}-podman{rep + 1}:zstd-chunked"
-            podman_t.append(podman_push(pm, src, pdest))
+            podman_t.append(podman_push(pm, env.fresh("blob-info-cache"), src, pdest))
             out.say(f"convert {w.name}: podman push {podman_t[-1]:.1f} s")
             if rep == 0:
                 als_ref, als_layers = dest, result_layers(result)

@@ -81,10 +81,13 @@ def test_result_layers_of_one_image() -> None:
 
 
 def test_convert_rows_judge_the_time_against_podman() -> None:
-    rows = bc.convert_rows("small", [3.0, 9.0, 4.0], [3.0, 2.0, 3.0], 20.0, 5.0, 10, 12, 7)
+    rows = bc.convert_rows(
+        "small", [3.0, 9.0, 4.0], [3.0, 2.0, 3.0], 20.0, 5.0, 10, 12, 7, layer_seconds=[1.0]
+    )
     conv, opt = rows
     assert conv.variant == bc.ALS and conv.ratio == pytest.approx(4.0 / 3.0)
     assert conv.met is True and conv.target and conv.json()["baseline_runs"] == [3.0, 2.0, 3.0]
+    assert conv.json()["layer_seconds"] == [1.0] and "layer_seconds" not in opt.json()
     assert (
         opt.target is None
         and opt.met is None

@@ -18,8 +18,12 @@ pushed to a local docker-registry.
    ``estargz-prio`` image, the unoptimized ``als convert`` output and podman's zstd:chunked push;
    the registry bytes of each.
 
-Needs root, podman, fusermount3 and docker-registry. Prints JSON lines on stdout, a Markdown
-table on stderr, and writes results.jsonl and results.md to --out.
+podman pulls and pushes with an empty blob-info cache of its own (a private mount namespace;
+podman 4.3.1 would otherwise mount the gzip blobs it knows instead of compressing them). Not
+measured yet: a second image on the same base (the issue's third benchmark item).
+
+Needs root, podman, fusermount3, docker-registry and unshare. Prints JSON lines on stdout, a
+Markdown table on stderr, and writes results.jsonl and results.md to --out.
 Usage: bench_convert.py [--quick] [--repeat N] [--workloads small|large] [--optimize-seconds N]
                         [--out DIR] [--json-only]
 """

@@ -48,7 +48,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,16 +104,20 @@ class Row:
         return d
 
 
-def judge(row: Row) -> Row:
-    """Fill ``target``/``met`` from TARGETS; the ratio is compared, or the value where the
-    target is absolute (MB/s, MB)."""
+Targets = Mapping[tuple[str, str, str], tuple[str, float, str]]
+
+
+def judge(row: Row, targets: Targets | None = None) -> Row:
+    """Fill ``target``/``met`` from ``targets`` (default TARGETS); the ratio is compared, or the
+    value where the target is absolute (MB/s, MB)."""
+    targets = TARGETS if targets is None else targets
     for key in (
         (row.workload, row.variant, row.metric),
         (row.workload, "*", row.metric),
         ("*", "*", row.metric),
     ):
-        if key in TARGETS:
-            op, bound, desc = TARGETS[key]
+        if key in targets:
+            op, bound, desc = targets[key]
             got = row.value if row.unit in ("MB/s", "MB") else row.ratio
             row.target = desc
             if got is not None:
@@ -132,23 +136,26 @@ def make_row(
     baseline: float | None = None,
     baseline_name: str = "",
     note: str = "",
+    targets: Targets | None = None,
     **extra: Any,
 ) -> Row:
     ratio = value / baseline if baseline else None
     return judge(
         Row(
             bench, w, v, metric, value, unit, baseline, baseline_name, ratio, note=note, extra=extra
-        )
+        ),
+        targets,
     )
 
 
 class Output:
     """JSON lines on stdout as rows come; the table, the JSON file and the chart at the end."""
 
-    def __init__(self, out: Path, quiet: bool) -> None:
+    def __init__(self, out: Path, quiet: bool, name: str = NAME) -> None:
         self.rows: list[Row] = []
         self.out = out
         self.quiet = quiet
+        self.name = name
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
@@ -156,7 +163,7 @@ class Output:
 
     def say(self, msg: str) -> None:
         if not self.quiet:
-            print(f"{NAME}: {msg}", file=sys.stderr, flush=True)
+            print(f"{self.name}: {msg}", file=sys.stderr, flush=True)
 
 
 def fmt_value(v: float | None, unit: str) -> str:
@@ -572,11 +579,20 @@ def ref_of(env: Env, w: Workload, v: str, host: str | None = None) -> str:
 
 
 def pull_run(
-    env: Env, w: Workload, v: str, pool: Path | None, host: str | None = None
+    env: Env,
+    w: Workload,
+    v: str,
+    pool: Path | None,
+    host: str | None = None,
+    *,
+    ref: str | None = None,
+    digests: Sequence[str] | None = None,
 ) -> tuple[float, int, int]:
-    """Cold pull + run in a fresh podman storage: (seconds, layer-blob bytes, all bytes)."""
+    """Cold pull + run in a fresh podman storage: (seconds, layer-blob bytes, all bytes).
+    ``ref`` and ``digests`` (its layer blobs) name an image that is not one of ``w``'s variants
+    (default: variant ``v`` of ``w``)."""
     pm = env.podman(pool)
-    ref = ref_of(env, w, v, host)
+    ref = ref or ref_of(env, w, v, host)
     try:
         mark = env.reg.mark()
         t0 = time.monotonic()
@@ -588,7 +604,8 @@ def pull_run(
         if pool is not None and not pm.layer_diff_links():
             raise SystemExit(f"{NAME}: podman did not use als for {ref}")
         access = env.reg.access_log(since=mark)
-        digests = [x.digest for x in w.layers[v]]
+        if digests is None:
+            digests = [x.digest for x in w.layers[v]]
         return took, layer_bytes_sent(access, digests), sum(e.bytes_sent for e in access)
     finally:
         env.drop_podman(pm)
@@ -1180,11 +1197,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def report(out: Output, args: argparse.Namespace, elapsed: float) -> None:
+def report(
+    out: Output,
+    args: argparse.Namespace,
+    elapsed: float,
+    title: str = "als benchmark",
+    draw: bool = True,
+) -> None:
+    """results.md, results.jsonl (and the chart, with ``draw``) in ``args.out``; the table and
+    the missed targets on stderr."""
     args.out.mkdir(parents=True, exist_ok=True)
     m = machine()
     header = (
-        f"### als benchmark ({'quick' if args.quick else 'full'}; {args.repeat} "
+        f"### {title} ({'quick' if args.quick else 'full'}; {args.repeat} "
         f"repetition(s); {m['cpus']} CPUs, {m['memory_gib']} GiB; {elapsed:.0f} s)\n"
     )
     table = markdown(out.rows, header)
@@ -1195,7 +1220,7 @@ def report(out: Output, args: argparse.Namespace, elapsed: float) -> None:
         )
         for r in out.rows:
             f.write(json.dumps(r.json()) + "\n")
-    drew = chart(out.rows, args.out / "lazy-start.png")
+    drew = draw and chart(out.rows, args.out / "lazy-start.png")
     if not args.json_only:
         print("\n" + table, file=sys.stderr)
         missed = [r for r in out.rows if r.met is False]
@@ -1206,14 +1231,12 @@ def report(out: Output, args: argparse.Namespace, elapsed: float) -> None:
                 else fmt_value(r.value, r.unit)
             )
             print(
-                f"{NAME}: target missed: {r.workload} {r.variant} {r.metric}: {got} "
+                f"{out.name}: target missed: {r.workload} {r.variant} {r.metric}: {got} "
                 f"(target {r.target})",
                 file=sys.stderr,
             )
-        out.say(
-            f"wrote {args.out}/results.md, results.jsonl"
-            + (", lazy-start.png" if drew else " (no chart: matplotlib missing)")
-        )
+        chart_note = ", lazy-start.png" if drew else " (no chart: matplotlib missing)"
+        out.say(f"wrote {args.out}/results.md, results.jsonl" + (chart_note if draw else ""))
 
 
 if __name__ == "__main__":

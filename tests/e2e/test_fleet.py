@@ -149,12 +149,17 @@ def mirror_holds(regs: Registries, timeout: float = 20) -> None:
             time.sleep(0.05)
 
 
-def assert_whole_blobs(regs: Registries, since: int) -> None:
-    """The origin sent each layer in whole copies: the proxy fetches blobs, never ranges."""
+def assert_whole_blobs(regs: Registries, since: int, *, stored: bool = False) -> None:
+    """The origin was asked for each layer's whole blob (200, never a 206 range): the proxy
+    fetches blobs, not ranges. A fetch the mirror no longer needs (its client has what it
+    asked for) may end early, so a transfer sends at most the blob; with ``stored`` at least
+    one sent all of it (the copy the mirror kept)."""
     for layer in regs.layers:
         gets = regs.origin.blob_requests(layer.digest, since=since)
         assert gets, layer.digest
-        assert all(e.status == 200 and e.bytes_sent == layer.size for e in gets), gets
+        assert all(e.status == 200 and e.bytes_sent <= layer.size for e in gets), gets
+        if stored:
+            assert any(e.bytes_sent == layer.size for e in gets), gets
 
 
 def test_fleet_starts_together_on_a_cold_mirror(registries: Registries, tmp_path: Path) -> None:
@@ -179,7 +184,7 @@ def test_fleet_behind_a_warm_mirror(registries: Registries, tmp_path: Path) -> N
         assert_ran_lazily(fleet, regs, outputs)
     figures("warm mirror", regs, N, o_mark, m_mark)
     figures("canary + fleet", regs, N + 1, o_start, m_start)
-    assert_whole_blobs(regs, o_start)
+    assert_whole_blobs(regs, o_start, stored=True)
     for layer in regs.layers:
         # N nodes at once cost the origin nothing: the mirror answered every range
         assert regs.origin.blob_bytes_sent(layer.digest, since=o_mark) == 0, layer.digest

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import zlib
 from collections.abc import Sequence
 from typing import Literal
+
+from isal import isal_zlib
 
 from als.errors import ConfigError, FormatError, VerifyError
 from als.formats import EntryType, iter_file, load_index
@@ -57,26 +58,41 @@ def read_tar(data: bytes, *, name: str = "input", limit: int = DEFAULT_MAX_TAR) 
     return data
 
 
+_WINDOW = 1 << 20  # input handed to the inflater at once: what it leaves over is copied
+
+
 def _gunzip(data: bytes, name: str, limit: int) -> bytes:
+    """Every gzip member of ``data``, decompressed (ISA-L inflate), at most ``limit`` bytes.
+
+    An eStargz blob is thousands of members. The input goes in windows: the inflater copies
+    the input it did not use when a member ends, which over the whole blob at once would be
+    quadratic.
+    """
     out = bytearray()
     view = memoryview(data)
-    while view:
-        d = zlib.decompressobj(31)
+    pos, end = 0, len(data)
+    while pos < end:
+        if bytes(view[pos : pos + 2]) != b"\x1f\x8b":
+            if out:
+                break  # trailing garbage after the last member is ignored, as gzip does
+            raise FormatError(f"{name}: invalid gzip data: no gzip header")
+        d = isal_zlib.decompressobj(31)
         try:
-            while True:
-                out += d.decompress(view, max(1, limit + 1 - len(out)))
-                if len(out) > limit:
-                    raise FormatError(f"{name}: decompresses to more than {limit} bytes")
-                if d.eof or not d.unconsumed_tail:
-                    break
-                view = memoryview(d.unconsumed_tail)
-        except zlib.error as exc:
+            while not d.eof:
+                if pos >= end:
+                    raise FormatError(f"{name}: invalid gzip data: truncated")
+                chunk = view[pos : pos + _WINDOW]
+                pos += len(chunk)
+                while True:
+                    out += d.decompress(chunk, max(1, limit + 1 - len(out)))
+                    if len(out) > limit:
+                        raise FormatError(f"{name}: decompresses to more than {limit} bytes")
+                    if d.eof or not d.unconsumed_tail:
+                        break
+                    chunk = memoryview(d.unconsumed_tail)
+        except isal_zlib.error as exc:  # type: ignore[misc]  # isal ships no type stubs
             raise FormatError(f"{name}: invalid gzip data: {exc}") from None
-        if not d.eof:
-            raise FormatError(f"{name}: invalid gzip data: truncated")
-        view = memoryview(d.unused_data)
-        if view and bytes(view[:2]) != b"\x1f\x8b":
-            break  # trailing garbage after the last member is ignored, as gzip does
+        pos -= len(d.unused_data)  # the start of the next member
     return bytes(out)
 
 

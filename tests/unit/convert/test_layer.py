@@ -87,3 +87,24 @@ def test_locations() -> None:
         parse_location("containers-storage:x", source=False)
     with pytest.raises(ConfigError, match="not an image location"):
         parse_location("quay.io/x", source=True)
+
+
+def test_read_tar_joins_many_gzip_members_across_input_windows() -> None:
+    import random
+
+    import als.convert.layer as layer_mod
+
+    rng = random.Random(7)
+    parts = [rng.randbytes(rng.randrange(0, 3000)) for _ in range(400)]
+    blob = b"".join(gzip.compress(p) for p in parts)
+    old = layer_mod._WINDOW
+    try:
+        for window in (1, 7, 512, 4096, 1 << 20):  # members end inside, at and across windows
+            layer_mod._WINDOW = window
+            assert read_tar(blob + b"\0garbage") == b"".join(parts)
+            with pytest.raises(FormatError, match="truncated"):
+                read_tar(blob[:-5])
+            with pytest.raises(FormatError, match="more than"):
+                read_tar(blob, limit=sum(map(len, parts)) - 1)
+    finally:
+        layer_mod._WINDOW = old

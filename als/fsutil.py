@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -64,3 +65,16 @@ def remove_tree(path: Path) -> None:
         except OSError:
             dead = path
     shutil.rmtree(dead, ignore_errors=True)
+
+
+def pid_alive(pid_text: str) -> bool:
+    """Whether the process whose id is ``pid_text`` (as written in a file name) still runs."""
+    if not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except OSError as exc:
+        return exc.errno == errno.EPERM  # it runs, as another user
+    return True

@@ -34,7 +34,7 @@ from als.digest import hex_of
 from als.errors import AlsError, VerifyError
 from als.extract import extract_index
 from als.formats import EntryType, LayerIndex
-from als.fsutil import remove_tree
+from als.fsutil import pid_alive, remove_tree
 from als.store.context import StoreContext
 
 if TYPE_CHECKING:
@@ -115,7 +115,8 @@ def scan(disk: DiskCache) -> dict[str, NativeTree]:
             continue
         if ".partial." in name or ".dead." in name:
             pid = name.split(".")[2] if name.count(".") >= 2 else ""
-            if ".dead." in name or not _alive(pid):
+            # our own pid's leftovers are from a previous life of this pid
+            if ".dead." in name or not pid_alive(pid) or pid == str(os.getpid()):
                 remove_tree(path)
             continue
         tree = NativeTree.read(path)
@@ -237,18 +238,6 @@ def _disk_usage(root: Path) -> int:
             if entry.is_dir(follow_symlinks=False):
                 stack.append(entry.path)
     return total
-
-
-def _alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return int(pid) != os.getpid()  # our own leftovers are from a previous life of this pid
 
 
 class NativeLayers:

@@ -11,7 +11,6 @@ pieces, profiles and use counts are :mod:`~als.store.cache.records`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from als.digest import hex_of
-from als.fsutil import remove_dir, remove_tree, write_atomic
+from als.fsutil import pid_alive, remove_dir, remove_tree, write_atomic
 from als.store.cache.ingest import Ingest
 from als.store.cache.records import (
     LayerRecord,
@@ -92,7 +91,7 @@ class DiskCache:
         cutoff = time.time() - 3600
         for p in (self.dir / "tmp").iterdir():
             with contextlib.suppress(OSError):
-                if p.stat().st_mtime < cutoff or _pid_dead(p.name):
+                if p.stat().st_mtime < cutoff or not pid_alive(p.name.partition(".")[0]):
                     p.unlink()
         self.rescan()
 
@@ -484,16 +483,3 @@ def _dirs(base: Path) -> Iterator[Path]:
     for ent in it:
         if ent.is_dir(follow_symlinks=False):
             yield Path(ent.path)
-
-
-def _pid_dead(name: str) -> bool:
-    pid_text = name.partition(".")[0]
-    if not pid_text.isdigit():
-        return True
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except OSError as exc:
-        return exc.errno != errno.EPERM
-    return False

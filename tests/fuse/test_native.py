@@ -10,8 +10,6 @@ import os
 import shutil
 import stat
 import struct
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import trio
 from tests.support.fakesource import FakeSource
 from tests.support.layers import make_layer, noise
 from tests.support.mount import ThreadMount, b64, needs_fuse
+from tests.support.mount import wait_until as wait
 from tests.support.tarspec import FileSpec
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
@@ -85,14 +84,6 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
             if kind == stat.S_IFDIR:
                 stack.append(path)
     return out
-
-
-def wait(cond: Callable[[], bool], limit: float = 30.0) -> None:
-    deadline = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.05)
 
 
 def native_of(m: ThreadMount, digest: str) -> Path | None:

@@ -10,8 +10,6 @@ import hashlib
 import logging
 import os
 import subprocess
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import trio
 from tests.support.fakesource import FakeSource
 from tests.support.layers import make_layer, noise
 from tests.support.mount import ThreadMount, b64, needs_fuse
+from tests.support.mount import wait_until as wait
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -44,14 +43,6 @@ def sums(root: Path) -> dict[str, str]:
 
 
 EXPECTED = {p: hashlib.sha256(d).hexdigest() for p, d in FILES.items()}
-
-
-def wait(cond: Callable[[], bool], limit: float = 30.0) -> None:
-    deadline = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["fuse", "native"])

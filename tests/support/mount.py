@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,12 @@ class ProcessMount:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_until(cond: Callable[[], bool], limit: float = 30.0) -> None:
+    """Poll ``cond`` every 50 ms until it holds; AssertionError after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)

@@ -3,28 +3,18 @@ and the coalescing of the ranges fetched."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import trio
 
 from als.ranges import merge as merge_ranges
-from als.store.config import StoreConfig
-from als.store.manager import LayerManager
 from tests.support.fakesource import FakeSource
-from tests.support.layers import BuiltLayer, make_layer
-
-REF = "registry.test/x:1"
-BIG = bytes(range(256)) * 4096  # 1 MiB
+from tests.support.layers import BuiltLayer
+from tests.unit.store.helpers import BIG, REF, big_and_small_layer, manager
 
 
 @pytest.fixture
 def layer() -> BuiltLayer:
-    return make_layer({"a/big": BIG, "a/small": b"small"}, "estargz", chunk_size=256 * 1024)
-
-
-def manager(src: Any, **kw: Any) -> LayerManager:
-    return LayerManager(src, StoreConfig(**kw))
+    return big_and_small_layer()
 
 
 async def test_concurrent_reads_fetch_each_chunk_once(layer: BuiltLayer) -> None:

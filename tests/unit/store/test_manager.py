@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from als.store.config import StoreConfig
-from als.store.manager import LayerManager
 from tests.support.fakesource import FakeSource
-
-REF = "registry.test/x:1"
-
-
-def manager(src: Any, **kw: Any) -> LayerManager:
-    return LayerManager(src, StoreConfig(**kw))
+from tests.unit.store.helpers import REF, manager
 
 
 async def test_use_and_release_counts() -> None:

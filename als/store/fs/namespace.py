@@ -20,10 +20,15 @@ from als.overlay import (
     whiteout_name,
     whiteout_target,
 )
+from als.store.fs.journal import InstanceRecord, Journal, JournalState, Key, NodeRecord
+from als.store.fs.protocol import ANN_LAYER_DIGEST, ANN_REFERENCE
 from als.store.layer import Layer
 
 ROOT_INODE = 1
 INSTANCE_SHIFT = 32
+#: The lookup count of what a server restored from the journal: the kernel's counts died with
+#: its predecessor, so these are kept for the life of the connection (they are few).
+PINNED = 1 << 62
 
 
 class NodeKind(enum.StrEnum):
@@ -131,18 +136,86 @@ def is_whiteout_entry(index: LayerIndex, entry_id: int) -> bool:
     return e.type == EntryType.REG and whiteout_target(e.name) is not None and e.size == 0
 
 
-class Namespace:
-    """Store-level node table and layer instances, with lookup counts."""
+def layer_key(node: NodeRecord | StoreNode) -> Key | None:
+    """What the layer shown at or below a store node is looked up by, if it shows one."""
+    if node.kind in (NodeKind.LAYERDIR, NodeKind.INFO, NodeKind.BLOB, NodeKind.NATIVE):
+        return (node.ref, node.digest)
+    if node.kind == NodeKind.ANN:
+        anns = dict(node.annotations)
+        ref, digest = anns.get(ANN_REFERENCE), anns.get(ANN_LAYER_DIGEST)
+        if ref and digest:
+            return (ref, digest)
+    return None
 
-    def __init__(self) -> None:
+
+class Namespace:
+    """Store-level node table and layer instances, with lookup counts.
+
+    With a :class:`Journal`, every node and instance is recorded as it is made (before the
+    kernel hears of it) and dropped, so that a server taking over the connection can
+    :meth:`restore` them.
+    """
+
+    def __init__(self, journal: Journal | None = None) -> None:
         self.nodes: dict[int, StoreNode] = {
             ROOT_INODE: StoreNode(inode=ROOT_INODE, kind=NodeKind.ROOT, parent=ROOT_INODE, name=b"")
         }
-        self.nodes[ROOT_INODE].lookups = 1 << 62  # never forgotten
+        self.nodes[ROOT_INODE].lookups = PINNED  # never forgotten
         self.instances: dict[int, Instance] = {}
         self._next_inode = itertools.count(ROOT_INODE + 1)
         self._next_instance = itertools.count(1)
         self.listings: OrderedDict[tuple[int, int], Listing] = OrderedDict()
+        self.journal = journal
+
+    def restore(self, state: JournalState, layers: dict[Key, Layer]) -> tuple[int, int]:
+        """Rebuild the nodes and instances of a journal, with the layers resolved for them.
+
+        What needs a layer that is missing from ``layers`` is left out (with everything below
+        it): the kernel then gets ENOENT for those inodes. Returns (nodes, instances) restored.
+        Restored entries are pinned; new inodes and instance numbers continue after the
+        journal's.
+        """
+        self._next_inode = itertools.count(max(state.max_inode, ROOT_INODE) + 1)
+        self._next_instance = itertools.count(state.max_instance + 1)
+        nodes = instances = 0
+        for rec in sorted(state.nodes.values(), key=lambda r: r.inode):
+            parent = self.nodes.get(rec.parent)
+            if parent is None or rec.inode in self.nodes:
+                continue
+            try:
+                kind = NodeKind(rec.kind)
+            except ValueError:
+                continue
+            key = layer_key(rec) if kind != NodeKind.ANN else None
+            layer = layers.get(key) if key is not None else None
+            if key is not None and layer is None:
+                continue
+            node = StoreNode(
+                inode=rec.inode,
+                kind=kind,
+                parent=rec.parent,
+                name=rec.name,
+                ref=rec.ref,
+                digest=rec.digest,
+                annotations=rec.annotations,
+                layer=layer,
+                lookups=PINNED,
+            )
+            self.nodes[rec.inode] = node
+            parent.children[rec.name] = rec.inode
+            nodes += 1
+        for irec in sorted(state.instances.values(), key=lambda r: r.number):
+            owner = self.nodes.get(irec.owner)
+            key = layer_key(owner) if owner is not None else None
+            layer = layers.get(key) if key is not None else None
+            if owner is None or layer is None:
+                continue
+            inst = Instance(number=irec.number, layer=layer, owner=owner.inode, lookups=PINNED)
+            self.instances[inst.number] = inst
+            owner.instances[irec.name] = inst
+            layer.instances += 1
+            instances += 1
+        return nodes, instances
 
     def add_node(
         self,
@@ -168,13 +241,20 @@ class Namespace:
             annotations=annotations,
             layer=layer,
         )
+        if self.journal is not None:
+            rec = NodeRecord(inode, kind, parent.inode, name, ref, digest, annotations)
+            self.journal.node(rec)
         self.nodes[inode] = node
         parent.children[name] = inode
         return node
 
-    def new_instance(self, layer: Layer, owner: int) -> Instance:
-        inst = Instance(number=next(self._next_instance), layer=layer, owner=owner)
+    def new_instance(self, layer: Layer, owner: StoreNode, name: bytes) -> Instance:
+        """Show ``layer``'s tree as ``name`` below ``owner``."""
+        inst = Instance(number=next(self._next_instance), layer=layer, owner=owner.inode)
+        if self.journal is not None:
+            self.journal.instance(InstanceRecord(inst.number, owner.inode, name))
         self.instances[inst.number] = inst
+        owner.instances[name] = inst
         layer.instances += 1
         return inst
 
@@ -213,7 +293,8 @@ class Namespace:
         return parts[::-1]
 
     def drop_node(self, node: StoreNode) -> None:
-        self.nodes.pop(node.inode, None)
+        if self.nodes.pop(node.inode, None) is not None and self.journal is not None:
+            self.journal.drop_node(node.inode)
         parent = self.nodes.get(node.parent)
         if parent is not None and parent.children.get(node.name) == node.inode:
             del parent.children[node.name]
@@ -224,6 +305,8 @@ class Namespace:
         if inst.lookups > 0 or inst.owner in self.nodes:
             return
         if self.instances.pop(inst.number, None) is not None:
+            if self.journal is not None:
+                self.journal.drop_instance(inst.number)
             inst.layer.instances -= 1
             for key in [k for k in self.listings if k[0] == inst.number]:
                 del self.listings[key]

@@ -27,6 +27,7 @@ from als.errors import AlsError
 from als.formats import EntryType
 from als.overlay import OPAQUE_VALUE
 from als.store.config import StoreConfig
+from als.store.fs.journal import Journal, JournalState
 from als.store.fs.layerlink import link_layer_id
 from als.store.fs.namespace import (
     Instance,
@@ -35,6 +36,7 @@ from als.store.fs.namespace import (
     StoreNode,
     is_layer_inode,
     is_whiteout_entry,
+    layer_key,
     resolve_child,
     split_inode,
 )
@@ -78,6 +80,8 @@ def _guard(
 
     async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         self.requests[name] += 1
+        if self.restoring is not None:
+            await self.restoring.wait()  # a takeover: the predecessor's inodes come first
         try:
             return await fn(self, *args, **kwargs)
         except FUSEError:
@@ -110,14 +114,23 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(
-        self, cfg: StoreConfig, manager: LayerManager, underlay: Underlay | None = None
+        self,
+        cfg: StoreConfig,
+        manager: LayerManager,
+        underlay: Underlay | None = None,
+        *,
+        journal: Journal | None = None,
+        on_init: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.manager = manager
         self.underlay = underlay
         self._published: set[tuple[str, str]] = set()
-        self.ns = Namespace()
+        self.ns = Namespace(journal)
+        self._on_init = on_init
+        #: Set while the nodes of a previous server are being restored (:meth:`restore`).
+        self.restoring: trio.Event | None = None
         self.internal_errors = 0
         #: FUSE requests answered, by operation (the status document's ``fuse_requests``).
         self.requests: collections.Counter[str] = collections.Counter()
@@ -130,6 +143,53 @@ class Operations(pyfuse3.Operations):
         self._negative.st_ino = InodeT(0)
         self._negative.entry_timeout = cfg.layer_ttl
         manager.native.listeners.append(self.native_changed)
+
+    def init(self) -> None:
+        # Called by libfuse while it handles FUSE_INIT, before it replies (see
+        # als.store.fs.handoff for why a takeover happens right here).
+        if self._on_init is not None:
+            self._on_init()
+
+    # -- takeover ---------------------------------------------------------------------------------
+
+    def begin_restore(self) -> None:
+        """Hold every request until :meth:`restore` has run."""
+        self.restoring = trio.Event()
+
+    async def restore(self, state: JournalState) -> None:
+        """Rebuild the store nodes and layer instances a previous server handed the kernel.
+
+        Their layers are looked up again, all at once (from the cache records, normally without
+        the network); requests wait meanwhile. A layer that cannot be looked up leaves its
+        inodes unknown: the kernel gets ENOENT for them and the log says why.
+        """
+        started = time.monotonic()
+        keys = {k for k in map(layer_key, state.nodes.values()) if k is not None}
+        layers: dict[tuple[str, str], Layer] = {}
+
+        async def resolve(key: tuple[str, str]) -> None:
+            try:
+                layers[key] = await self.manager.lookup(*key)
+            except (AlsError, trio.TooSlowError) as exc:
+                log.warning("takeover: layer %s of %s not restored: %s", key[1], key[0], exc)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for key in keys:
+                    nursery.start_soon(resolve, key)
+            nodes, instances = self.ns.restore(state, layers)
+            log.info(
+                "takeover-restored nodes=%d instances=%d layers=%d/%d in %.3fs",
+                nodes,
+                instances,
+                len(layers),
+                len(keys),
+                time.monotonic() - started,
+            )
+        finally:
+            if self.restoring is not None:
+                self.restoring.set()
+            self.restoring = None
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -295,7 +355,7 @@ class Operations(pyfuse3.Operations):
             node = ns.add_node(
                 parent, name, NodeKind.LAYERDIR, ref=parent.ref, digest=digest, layer=layer
             )
-            node.instances[b"diff"] = ns.new_instance(layer, node.inode)
+            ns.new_instance(layer, node, b"diff")
             return self._store_attr(node)
         if parent.kind == NodeKind.LAYERDIR:
             assert parent.layer is not None
@@ -343,8 +403,7 @@ class Operations(pyfuse3.Operations):
             del parent.children[b"diff"]  # the tree went away: serve the layer again
         inst = parent.instances.get(b"diff")
         if inst is None or inst.number not in ns.instances:
-            inst = ns.new_instance(layer, parent.inode)
-            parent.instances[b"diff"] = inst
+            inst = ns.new_instance(layer, parent, b"diff")
         attr = self._layer_attr(inst, 0)
         # The name may soon lead to a symlink instead (an invalidation racing this reply could
         # be lost): the kernel keeps it briefly, the tree's own entries for layer_ttl.
@@ -405,8 +464,7 @@ class Operations(pyfuse3.Operations):
         layer = await self.manager.lookup(ref, digest)
         inst = parent.instances.get(name)
         if inst is None or inst.number not in self.ns.instances:
-            inst = self.ns.new_instance(layer, parent.inode)
-            parent.instances[name] = inst
+            inst = self.ns.new_instance(layer, parent, name)
         target = self.cfg.pool.joinpath(*self.ns.names_of(parent), name.decode())
         await trio.to_thread.run_sync(link_layer_id, self.cfg.root, layer_id, target)
         return self._layer_attr(inst, 0)
@@ -479,7 +537,7 @@ class Operations(pyfuse3.Operations):
         assert layer is not None
         inst = node.instances.get(b"diff")
         if inst is None or inst.number not in ns.instances:
-            node.instances[b"diff"] = ns.new_instance(layer, node.inode)
+            ns.new_instance(layer, node, b"diff")
         for name in (b"info", b"blob"):
             child = node.children.get(name)
             if child is None or child not in ns.nodes:

@@ -14,8 +14,8 @@ def test_forget_releases_nodes_and_instances() -> None:
     layer = cast(Any, SimpleNamespace(instances=0))
     ref = ns.add_node(root, b"cmVm", NodeKind.REF, ref="ref")
     ldir = ns.add_node(ref, b"sha256:x", NodeKind.LAYERDIR, ref="ref", digest="d", layer=layer)
-    inst = ns.new_instance(layer, ldir.inode)
-    ldir.instances[b"diff"] = inst
+    inst = ns.new_instance(layer, ldir, b"diff")
+    assert ldir.instances[b"diff"] is inst
     assert layer.instances == 1
     ref.lookups, ldir.lookups = 1, 2
     inst.lookups = 3  # the kernel knows three inodes of the tree

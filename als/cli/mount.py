@@ -13,22 +13,24 @@ import dataclasses
 import errno
 import faulthandler
 import fcntl
+import functools
 import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
-
-import trio
 
 from als import __version__
 from als.errors import AlsError
 from als.paths import DEFAULT_ROOT, POOL_NAME
 from als.store.config import StoreConfig
-from als.store.daemon import make_source, serve
+from als.store.fs.device import DeviceError
+from als.store.fs.handoff import Handoff
+from als.store.supervisor import Supervisor, mount_unavailable, set_parent_death_signal
 
 # The daemon's logger (as in als.store.daemon): the name is part of every log line.
 log = logging.getLogger("als.daemon")
@@ -141,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="unpack complete layers into the cache for overlay to read directly (default: on)",
     )
+    p.add_argument(
+        "--supervise",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the FUSE connection in a supervisor process, so that a crashed or upgraded "
+        "server is replaced without breaking running containers (default: on)",
+    )
+    p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="ask the als-mount serving ROOT to hand over to a server started from the "
+        "installed code (an upgrade without downtime), wait until it serves, and exit",
+    )
     p.add_argument("--metrics-listen", metavar="ADDR", help="serve /metrics on HOST:PORT too")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--debug-fuse", action="store_true", default=None, help="libfuse debug output")
@@ -187,7 +202,82 @@ def tune_malloc() -> None:
     mallopt(m_arena_max, 2)
 
 
+def takeover(root: Path, timeout: float = 120.0) -> int:
+    """``--takeover``: SIGHUP to the supervisor of ``root``, then wait for the new server."""
+    from als.cli.status import StatusError, fetch_status
+
+    try:
+        before = fetch_status(root).get("server")
+        pid = int((root / ".als.lock").read_text().split()[0])
+    except (StatusError, OSError, ValueError, IndexError) as exc:
+        print(f"als-mount: error: no running store at {root}: {exc}", file=sys.stderr)
+        return 1
+    if not isinstance(before, dict):
+        print(
+            f"als-mount: error: the store at {root} runs without a supervisor "
+            "(--no-supervise): restart it instead",
+            file=sys.stderr,
+        )
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            server = fetch_status(root).get("server")
+        except StatusError:
+            continue  # between the old server's socket and the new one's
+        if isinstance(server, dict) and server.get("generation", 0) > before["generation"]:
+            print(f"als-mount: {root}: now served by server generation {server['generation']}")
+            return 0
+    print(f"als-mount: error: no new server at {root} after {timeout:.0f}s", file=sys.stderr)
+    return 1
+
+
+def serve_handoff(cfg: StoreConfig, handoff: Handoff) -> int:
+    """A server started by the supervisor: serve the connection it hands over."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    set_parent_death_signal(signal.SIGTERM)  # the connection dies with the supervisor anyway
+    import trio
+
+    from als.store.daemon import make_source, serve
+
+    try:
+        source = make_source(cfg)
+        if handoff.wait_go:
+            handoff.wait_for_go()
+        trio.run(functools.partial(serve, cfg, source, handoff=handoff))
+    except (AlsError, OSError) as exc:
+        log.error("cannot serve %s: %s", cfg.root, exc)
+        return 1
+    return 0
+
+
+def supervise(cfg: StoreConfig, argv: Sequence[str]) -> int | None:
+    """Mount and run servers under a supervisor; None if this host does not let us mount
+    ourselves (then the caller serves unsupervised, through libfuse)."""
+    sup = Supervisor(cfg.pool, list(argv))
+    try:
+        sup.mount()
+    except DeviceError as exc:
+        sup.close()
+        if mount_unavailable(exc):
+            log.warning(
+                "%s; serving without a supervisor: running containers will not survive a "
+                "restart of als-mount",
+                exc,
+            )
+            return None
+        raise
+    try:
+        return sup.run()
+    finally:
+        sup.close()
+        log.info("unmounted %s", cfg.pool)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     tune_malloc()
     try:
@@ -195,14 +285,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AlsError as exc:
         print(f"als-mount: error: {exc}", file=sys.stderr)
         return 2
+    cfg.root = cfg.root.absolute()
+    if args.takeover:
+        return takeover(cfg.root)
     setup_logging(cfg.log_level)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    cfg.root = cfg.root.absolute()
+    handoff = Handoff.from_env(os.environ)
+    if handoff is not None:
+        return serve_handoff(cfg, handoff)
     try:
         cfg.root.mkdir(parents=True, exist_ok=True)
         with root_lock(cfg.root):
             cleanup_stale_mount(cfg.pool)  # before touching .pool: a dead mount fails every call
             cfg.pool.mkdir(exist_ok=True)
+            if args.supervise:
+                code = supervise(cfg, argv)
+                if code is not None:
+                    return code
+            import trio
+
+            from als.store.daemon import make_source, serve
+
             source = make_source(cfg)
             trio.run(serve, cfg, source)
     except AlsError as exc:

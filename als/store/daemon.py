@@ -22,6 +22,8 @@ from als import __version__
 from als.paths import SOCKET_NAME
 from als.store.config import StoreConfig
 from als.store.control import serve_control
+from als.store.fs.handoff import Handoff
+from als.store.fs.journal import Journal, JournalState
 from als.store.fs.operations import Operations
 from als.store.fs.underlay import Underlay
 from als.store.manager import LayerManager
@@ -79,9 +81,15 @@ async def serve(
     source: Source,
     *,
     handle_signals: bool = True,
+    handoff: Handoff | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Mount and serve until SIGTERM/SIGINT (or ``pyfuse3.terminate()``), then unmount."""
+    """Mount and serve until SIGTERM/SIGINT (or ``pyfuse3.terminate()``), then unmount.
+
+    With a ``handoff`` the mount is the supervisor's (:mod:`als.store.supervisor`): serve the
+    connection it hands over, restore what a previous server told the kernel, and leave the
+    mount in place at the end.
+    """
     manager = LayerManager(source, cfg)
     ops: Operations | None = None
 
@@ -89,6 +97,8 @@ async def serve(
         doc = manager.status()
         if ops is not None:
             doc["fuse_requests"] = dict(ops.requests)
+        if handoff is not None:
+            doc["server"] = {"generation": handoff.generation, "supervisor_pid": os.getppid()}
         return doc
 
     metrics = manager.metrics = Metrics(status)
@@ -96,13 +106,26 @@ async def serve(
     # existing links into the pool work from the first lookup after a restart.
     await manager.open()
     # The pool directory beneath the mount keeps native layers reachable when we are gone.
-    underlay = Underlay.open(cfg.pool)
+    underlay = Underlay(handoff.underlay_fd) if handoff else Underlay.open(cfg.pool)
     ready = {os.fsdecode(t.tree) for t in manager.native.trees.values()}
     removed = await manager.scheduler.disk_call(lambda: underlay.reconcile(ready))
     if removed:
         log.info("underlay-withdraw paths=%d (their trees are gone)", removed)
-    ops = Operations(cfg, manager, underlay)
-    pyfuse3.init(ops, str(cfg.pool), fuse_options(cfg))
+    journal: Journal | None = None
+    state = JournalState()
+    on_init = None
+    if handoff is not None:
+        journal = Journal(handoff.journal_fd)
+        state = journal.load()
+        token = trio.lowlevel.current_trio_token()
+
+        def on_init() -> None:
+            handoff.take_over(token.run_sync_soon)
+
+    ops = Operations(cfg, manager, underlay, journal=journal, on_init=on_init)
+    if state.nodes or state.instances:
+        ops.begin_restore()
+    pyfuse3.init(ops, handoff.mountpoint if handoff else str(cfg.pool), fuse_options(cfg))
     clean = False
     try:
         async with trio.open_nursery() as nursery:
@@ -116,6 +139,8 @@ async def serve(
 
             if handle_signals:
                 nursery.start_soon(signals)
+            if ops.restoring is not None:
+                nursery.start_soon(ops.restore, state)
             await nursery.start(manager.run)
             await nursery.start(
                 functools.partial(
@@ -126,8 +151,16 @@ async def serve(
                     listen=cfg.metrics_listen,
                 )
             )
-            log.info("als %s serving %s", __version__, cfg.pool)
-            sd_notify("READY=1\nSTATUS=serving " + str(cfg.pool))
+            if handoff is None:
+                log.info("als %s serving %s", __version__, cfg.pool)
+                sd_notify("READY=1\nSTATUS=serving " + str(cfg.pool))
+            else:
+                log.info(
+                    "als %s serving %s (server generation %d)",
+                    __version__,
+                    cfg.pool,
+                    handoff.generation,
+                )
             task_status.started(ops)
             await pyfuse3.main()
             clean = True
@@ -135,11 +168,16 @@ async def serve(
                 await manager.flush()
             nursery.cancel_scope.cancel()
     finally:
-        sd_notify("STOPPING=1")
-        pyfuse3.close(unmount=True)
+        if handoff is None:
+            sd_notify("STOPPING=1")
+        # A supervisor's mount stays: the connection outlives this process.
+        pyfuse3.close(unmount=handoff is None)
         manager.close()
         underlay.close()
         if not clean:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await manager.flush()
-        log.info("unmounted %s%s", cfg.pool, "" if clean else " after an error")
+        if handoff is None:
+            log.info("unmounted %s%s", cfg.pool, "" if clean else " after an error")
+        else:
+            log.info("stopped serving %s%s", cfg.pool, "" if clean else " after an error")

@@ -40,9 +40,16 @@ class LayerStatus(TypedDict):
     last_error: str | None
 
 
+class ServerStatus(TypedDict):
+    generation: int  # 1 for the supervisor's first server, +1 per restart or takeover
+    supervisor_pid: int
+
+
 class _DaemonFields(TypedDict, total=False):
     # FUSE requests answered, by operation (added by the daemon, which owns the FUSE layer)
     fuse_requests: dict[str, int]
+    # present when a supervisor keeps the FUSE connection (als.store.supervisor)
+    server: ServerStatus
 
 
 class StoreStatus(_DaemonFields):

@@ -149,10 +149,21 @@ class ProcessMount:
         )
         logf.close()
         wait_mounted(self.pool, timeout, proc=self.proc)
+        # A supervisor mounts before its server serves: wait for the server too.
+        deadline = time.monotonic() + timeout
+        while " serving " not in self.log():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"als-mount exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"als-mount did not serve in {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
         return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def layer_dir(self, ref: str, digest: str) -> Path:
+        return self.pool / b64(ref) / digest
 
     def stop(self, timeout: float = 20) -> int:
         assert self.proc is not None

@@ -9,7 +9,8 @@
 - the registry never imports the store; nothing but the CLI imports the CLI; nothing imports tests;
 - image conversion (als/convert/) imports no FUSE or trio code, of the store only its disk-cache
   records, and only the CLI imports it;
-- ``als status`` imports only the standard library and als/paths.py.
+- ``als status`` imports only the standard library and als/paths.py;
+- the supervisor (``als-mount`` before it starts a server) loads only the standard library.
 """
 
 from __future__ import annotations
@@ -154,3 +155,17 @@ def test_the_parser_imports_no_command() -> None:
     assert als <= allowed | {"als.digest"}, als
     heavy = {"zstandard", "isal", "trio", "pyfuse3", "requests", "urllib3", "prometheus_client"}
     assert not heavy & {m.split(".")[0] for m in out}
+
+
+def test_the_supervisor_stays_small() -> None:
+    """The supervisor process lives as long as the mount: it loads no async, FUSE, network or
+    format code (the server it starts does)."""
+    code = "import sys, als.cli.mount; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PKG.parent
+    ).stdout.split()
+    tops = {m.split(".")[0] for m in out}
+    assert tops <= set(sys.stdlib_module_names) | {"als", "__main__", "_distutils_hack"} | {
+        t for t in tops if t.startswith("__editable__")
+    }, tops
+    assert not {m for m in out if m.startswith(("als.formats", "als.registry", "als.convert"))}

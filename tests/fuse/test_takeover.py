@@ -1,0 +1,210 @@
+"""The FUSE connection outlives its server (issue 15): the real ``als-mount`` supervisor, a real
+registry, and a reader that keeps checking file contents through kills and an upgrade.
+
+The reader drops each file's pages before reading it (``POSIX_FADV_DONTNEED``), so every round
+reaches the server rather than the kernel's page cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.layers import BuiltLayer, make_layer, noise
+from tests.support.mount import ALS_MOUNT, ProcessMount, needs_fuse, wait_until
+from tests.support.podman import write_registries_conf
+from tests.support.registry import RegistryServer, push_image, registry_available
+
+pytestmark = [
+    needs_fuse,
+    pytest.mark.fuse,
+    pytest.mark.skipif(not registry_available(), reason="docker-registry is not installed"),
+]
+
+FILES = {f"data/f{i:02d}.bin": noise(f"f{i}", 200_000 + 37 * i) for i in range(12)}
+FILES["etc/motd"] = b"kept connection\n"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    with RegistryServer(tmp_path_factory.mktemp("registry")) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="module")
+def layer(registry: RegistryServer) -> BuiltLayer:
+    built = make_layer(dict(FILES), "estargz", chunk_size=64 * 1024)
+    push_image(registry, "takeover/app", "1", [built])
+    return built
+
+
+def start(tmp_path: Path, host: str, *extra: str) -> ProcessMount:
+    conf = write_registries_conf(tmp_path / "registries.conf", [host])
+    cfg = tmp_path / "als.toml"
+    # Reads must reach the server: no background download, no native tree, no memory cache.
+    cfg.write_text("background_fetch = false\nnative_layers = false\nmemory_cache_mb = 0\n")
+    return ProcessMount(
+        tmp_path / "als", "--registries-conf", str(conf), "--config", str(cfg), *extra
+    ).start()
+
+
+def status(m: ProcessMount) -> dict[str, object]:
+    p = subprocess.run(
+        [*ALS_MOUNT[:-1], "als", "status", str(m.root), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if p.returncode != 0:
+        return {}  # between two servers
+    doc = json.loads(p.stdout)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def server_pid(m: ProcessMount) -> int:
+    return int(str(status(m).get("pid", -1)))
+
+
+def read_uncached(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Reader:
+    """Reads every file of the layer in a loop and checks it; records errors and pauses."""
+
+    diff: Path
+    errors: list[str] = field(default_factory=list)
+    reads: int = 0
+    longest_gap: float = 0.0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        last = time.monotonic()
+        while not self.stop.is_set():
+            for name, want in FILES.items():
+                try:
+                    got = read_uncached(self.diff / name)
+                except OSError as exc:
+                    self.errors.append(f"{name}: {exc}")
+                    continue
+                if got != want:
+                    self.errors.append(f"{name}: wrong bytes ({len(got)} of {len(want)})")
+                now = time.monotonic()
+                self.longest_gap = max(self.longest_gap, now - last)
+                last = now
+                self.reads += 1
+
+    def __enter__(self) -> Reader:
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(60)
+
+    def wait_reads(self, n: int, limit: float = 60) -> None:
+        target = self.reads + n
+        wait_until(lambda: self.reads >= target or bool(self.errors), limit)
+
+
+def test_a_reader_keeps_reading_through_kills_of_the_server(
+    registry: RegistryServer, layer: BuiltLayer, tmp_path: Path
+) -> None:
+    m = start(tmp_path, registry.host)
+    try:
+        diff = m.layer_dir(f"{registry.host}/takeover/app:1", layer.digest) / "diff"
+        assert read_uncached(diff / "etc/motd") == FILES["etc/motd"]
+        with Reader(diff) as reader:
+            reader.wait_reads(20)
+            for kill in (1, 2):
+                pid = server_pid(m)
+                os.kill(pid, signal.SIGKILL)
+                wait_until(lambda p=pid: server_pid(m) not in (p, -1), 30)  # type: ignore[misc]
+                reader.wait_reads(30)
+                assert reader.errors == [], f"kill {kill}: {reader.errors[:5]}"
+        assert reader.errors == []
+        log = m.log()
+        assert log.count("restart-done generation=") == 2
+        assert status(m)["server"] == {"generation": 3, "supervisor_pid": m.proc.pid}  # type: ignore[union-attr]
+        # The same inodes, served by the third server: the layer directory is known to it.
+        assert "takeover-restored" in log
+        assert reader.longest_gap < 10, reader.longest_gap
+    finally:
+        m.stop()
+
+
+def test_a_takeover_hands_over_without_a_failed_read(
+    registry: RegistryServer, layer: BuiltLayer, tmp_path: Path
+) -> None:
+    m = start(tmp_path, registry.host)
+    try:
+        diff = m.layer_dir(f"{registry.host}/takeover/app:1", layer.digest) / "diff"
+        old = server_pid(m)
+        with Reader(diff) as reader:
+            reader.wait_reads(20)
+            p = subprocess.run(
+                [*ALS_MOUNT, str(m.root), "--takeover"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert p.returncode == 0, p.stderr
+            assert "server generation 2" in p.stdout
+            reader.wait_reads(30)
+        assert reader.errors == []
+        assert server_pid(m) != old
+        assert "takeover-done generation=2" in m.log()
+    finally:
+        m.stop()
+
+
+def test_a_read_in_flight_when_the_server_dies_is_answered_by_the_next(
+    registry: RegistryServer, layer: BuiltLayer, tmp_path: Path
+) -> None:
+    with FaultProxy(registry.url) as proxy:
+        m = start(tmp_path, proxy.host)
+        try:
+            ref = f"{proxy.host}/takeover/app:1"
+            diff = m.layer_dir(ref, layer.digest) / "diff"
+            assert (diff / "etc").is_dir()  # the layer is resolved; its blob is not read yet
+            proxy.add(Fault("stall", match=r"GET /v2/.*/blobs/", times=None, delay=2.0))
+            result: list[bytes | Exception] = []
+
+            def read() -> None:
+                try:
+                    result.append(read_uncached(diff / "data/f07.bin"))
+                except OSError as exc:
+                    result.append(exc)
+
+            t = threading.Thread(target=read)
+            t.start()
+            wait_until(lambda: len(proxy.requests_for(r"/blobs/")) > 0, 20)
+            os.kill(server_pid(m), signal.SIGKILL)  # the read is in the dead server's hands
+            t.join(60)
+            assert result == [FILES["data/f07.bin"]]
+            assert "resend=True" in m.log()
+        finally:
+            m.stop()

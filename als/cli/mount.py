@@ -64,9 +64,9 @@ def setup_logging(level: str, stream: TextIO | None = None) -> None:
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
-def is_mountpoint(path: Path) -> bool:
-    """True if ``path`` is a mount point (in mountinfo, or a dead FUSE mount)."""
-    target = str(path.resolve())
+def in_mountinfo(path: Path) -> bool:
+    """Whether ``path`` is a mount point in this mount namespace (without touching it)."""
+    target = os.path.abspath(path)
     try:
         with open("/proc/self/mountinfo", encoding="utf-8") as f:
             for line in f:
@@ -75,6 +75,13 @@ def is_mountpoint(path: Path) -> bool:
                     return True
     except OSError:
         pass
+    return False
+
+
+def is_mountpoint(path: Path) -> bool:
+    """True if ``path`` is a mount point (in mountinfo, or a dead FUSE mount)."""
+    if in_mountinfo(path.resolve()):
+        return True
     try:
         os.stat(path)
     except OSError as exc:
@@ -255,20 +262,29 @@ def serve_handoff(cfg: StoreConfig, handoff: Handoff) -> int:
 
 def supervise(cfg: StoreConfig, argv: Sequence[str]) -> int | None:
     """Mount and run servers under a supervisor; None if this host does not let us mount
-    ourselves (then the caller serves unsupervised, through libfuse)."""
-    sup = Supervisor(cfg.pool, list(argv))
-    try:
-        sup.mount()
-    except DeviceError as exc:
-        sup.close()
-        if mount_unavailable(exc):
-            log.warning(
-                "%s; serving without a supervisor: running containers will not survive a "
-                "restart of als-mount",
-                exc,
-            )
-            return None
-        raise
+    ourselves (then the caller serves unsupervised, through libfuse).
+
+    Under systemd, a connection the previous supervisor left in the unit's file descriptor
+    store is taken over instead of mounting anew.
+    """
+    sup = Supervisor.adopt(cfg.pool, list(argv), os.environ, in_mountinfo)
+    if sup is None:
+        cleanup_stale_mount(cfg.pool)  # before touching .pool: a dead mount fails every call
+        cfg.pool.mkdir(exist_ok=True)
+        sup = Supervisor(cfg.pool, list(argv))
+        try:
+            sup.mount()
+        except DeviceError as exc:
+            sup.close()
+            if mount_unavailable(exc):
+                log.warning(
+                    "%s; serving without a supervisor: running containers will not survive a "
+                    "restart of als-mount",
+                    exc,
+                )
+                return None
+            raise
+        sup.store_fds()
     try:
         return sup.run()
     finally:
@@ -296,12 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg.root.mkdir(parents=True, exist_ok=True)
         with root_lock(cfg.root):
-            cleanup_stale_mount(cfg.pool)  # before touching .pool: a dead mount fails every call
-            cfg.pool.mkdir(exist_ok=True)
             if args.supervise:
                 code = supervise(cfg, argv)
                 if code is not None:
                     return code
+            cleanup_stale_mount(cfg.pool)  # before touching .pool: a dead mount fails every call
+            cfg.pool.mkdir(exist_ok=True)
             import trio
 
             from als.store.daemon import make_source, serve

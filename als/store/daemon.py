@@ -133,7 +133,11 @@ async def serve(
             async def signals() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as recv:
                     async for signum in recv:
-                        log.info("received %s: unmounting", signal.Signals(signum).name)
+                        log.info(
+                            "received %s: %s",
+                            signal.Signals(signum).name,
+                            "unmounting" if handoff is None else "stopping (the mount stays)",
+                        )
                         pyfuse3.terminate()
                         return
 

@@ -31,10 +31,11 @@ import os
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,8 @@ log = logging.getLogger("als.supervisor")
 #: How long a stopping server may take to answer what it holds before it is killed (what it
 #: leaves is resent to the next one).
 STOP_TIMEOUT = 10.0
+#: What systemd's file descriptor store holds for us (FDNAME=).
+FDNAMES = ("als-fuse", "als-init", "als-journal", "als-underlay")
 #: A server that dies sooner than this after its start counts as a crash loop: back off.
 QUICK_DEATH = 5.0
 MAX_BACKOFF = 10.0
@@ -100,6 +103,7 @@ class Supervisor:
     fuse_fd: int = -1
     underlay_fd: int = -1
     journal_fd: int = -1
+    init_fd: int = -1  # a memfd with the INIT, for systemd's store
     init: device.InitRequest | None = None
     generation: int = 0
     current: Server | None = None
@@ -110,6 +114,9 @@ class Supervisor:
     _takeover_started: float | None = None
     _lost_at: float | None = None
     _stopping: bool = False
+    _first: int = 1  # generation of this supervisor's first server
+    _ready: bool = False
+    _stored: bool = False  # our descriptors are in systemd's store
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -135,12 +142,94 @@ class Supervisor:
         )
 
     def close(self) -> None:
+        """Unmount and let go of the connection (also from systemd's store)."""
+        if self._stored:
+            for name in FDNAMES:
+                sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+            self._stored = False
         with contextlib.suppress(OSError):
             device.unmount(self.pool)
-        for fd in (self.fuse_fd, self.underlay_fd, self.journal_fd):
+        for fd in (self.fuse_fd, self.underlay_fd, self.journal_fd, self.init_fd):
             if fd >= 0:
                 os.close(fd)
-        self.fuse_fd = self.underlay_fd = self.journal_fd = -1
+        self.fuse_fd = self.underlay_fd = self.journal_fd = self.init_fd = -1
+
+    # -- systemd's file descriptor store -----------------------------------------------------------
+
+    def store_fds(self) -> bool:
+        """Give systemd a copy of the connection and what a successor needs with it
+        (``FileDescriptorStoreMax=``), so that a restarted unit takes the mount over even
+        after the supervisor itself died. False without systemd."""
+        addr = os.environ.get("NOTIFY_SOCKET")
+        if not addr or self.init is None:
+            return False
+        if self.init_fd < 0:
+            self.init_fd = os.memfd_create("als-init", os.MFD_CLOEXEC)
+            os.pwrite(self.init_fd, self.init.raw, 0)
+        if addr.startswith("@"):
+            addr = "\0" + addr[1:]
+        fds = (self.fuse_fd, self.init_fd, self.journal_fd, self.underlay_fd)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.connect(addr)
+                for name, fd in zip(FDNAMES, fds, strict=True):
+                    socket.send_fds(sock, [f"FDSTORE=1\nFDNAME={name}".encode()], [fd])
+        except OSError as exc:
+            log.warning("cannot store the FUSE connection with systemd: %s", exc)
+            return False
+        self._stored = True
+        log.info("the FUSE connection is kept in systemd's file descriptor store too")
+        return True
+
+    @classmethod
+    def adopt(
+        cls,
+        pool: Path,
+        server_argv: Sequence[str],
+        environ: Mapping[str, str],
+        mounted: Callable[[Path], bool],
+    ) -> Supervisor | None:
+        """A supervisor for the connection systemd hands back (LISTEN_FDS, names
+        :data:`FDNAMES`) after the previous supervisor died; None if there is none to take.
+
+        ``mounted(pool)`` must not touch the mount itself (no server answers it yet).
+        """
+        if environ.get("LISTEN_PID") != str(os.getpid()):
+            return None
+        try:
+            count = int(environ.get("LISTEN_FDS", "0"))
+        except ValueError:
+            return None
+        names = environ.get("LISTEN_FDNAMES", "").split(":")
+        got = {name: 3 + i for i, name in enumerate(names[:count]) if name in FDNAMES}
+        if set(got) != set(FDNAMES):
+            for fd in got.values():
+                os.close(fd)
+            return None
+        sup = cls(pool, server_argv)
+        sup.fuse_fd, sup.init_fd = got["als-fuse"], got["als-init"]
+        sup.journal_fd, sup.underlay_fd = got["als-journal"], got["als-underlay"]
+        for fd in got.values():
+            os.set_inheritable(fd, False)
+        sup._stored = True
+        kinds = {"als-fuse": stat.S_ISCHR, "als-underlay": stat.S_ISDIR}
+        try:
+            for name, fd in got.items():
+                if not kinds.get(name, stat.S_ISREG)(os.fstat(fd).st_mode):
+                    raise device.DeviceError(errno.EBADF, f"{name} is not what it should be")
+            sup.init = device.InitRequest.parse(journal.read_all(sup.init_fd))
+        except OSError as exc:
+            log.warning("systemd handed back an unusable FUSE connection (%s): mounting anew", exc)
+            sup.close()
+            return None
+        if not mounted(pool):
+            log.warning("systemd handed back a FUSE connection whose mount is gone: mounting anew")
+            sup.close()
+            return None
+        # The kernel's INIT was answered long ago: the first server here is a takeover.
+        sup.generation, sup._first = 1, 2
+        log.info("took over the FUSE connection of %s from systemd's store", pool)
+        return sup
 
     # -- servers ----------------------------------------------------------------------------------
 
@@ -163,7 +252,8 @@ class Supervisor:
             )
             env = dict(self.env)
             env[ENV] = handoff.to_env()
-            env.pop("NOTIFY_SOCKET", None)  # the supervisor speaks to systemd
+            for name in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+                env.pop(name, None)  # the supervisor speaks to systemd
             proc = subprocess.Popen(
                 [sys.executable, "-m", "als.cli.mount", *self.server_argv],
                 pass_fds=(
@@ -204,7 +294,8 @@ class Supervisor:
                 self._stop_current_for_takeover()
         elif message == "serving":
             server.state = "serving"
-            if server.generation == 1:
+            if not self._ready:
+                self._ready = True
                 sd_notify(f"READY=1\nSTATUS=serving {self.pool}\nMAINPID={os.getpid()}")
                 log.info("serving %s (server pid %d)", self.pool, server.pid)
             elif self._takeover_started is not None:
@@ -280,7 +371,7 @@ class Supervisor:
                 log.info("takeover: old server pid %d stopped (%s)", server.pid, how)
                 self._go_pending()
                 continue
-            if server.generation == 1 and server.state != "serving":
+            if server.generation == self._first and server.state != "serving":
                 raise SystemExit(
                     f"the server exited with {how} before it served (see its log above)"
                 )

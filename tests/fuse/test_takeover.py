@@ -48,13 +48,15 @@ def layer(registry: RegistryServer) -> BuiltLayer:
     return built
 
 
-def start(tmp_path: Path, host: str, *extra: str) -> ProcessMount:
+def start(
+    tmp_path: Path, host: str, *extra: str, env: dict[str, str] | None = None
+) -> ProcessMount:
     conf = write_registries_conf(tmp_path / "registries.conf", [host])
     cfg = tmp_path / "als.toml"
     # Reads must reach the server: no background download, no native tree, no memory cache.
     cfg.write_text("background_fetch = false\nnative_layers = false\nmemory_cache_mb = 0\n")
     return ProcessMount(
-        tmp_path / "als", "--registries-conf", str(conf), "--config", str(cfg), *extra
+        tmp_path / "als", "--registries-conf", str(conf), "--config", str(cfg), *extra, env=env
     ).start()
 
 
@@ -208,3 +210,90 @@ def test_a_read_in_flight_when_the_server_dies_is_answered_by_the_next(
             assert "resend=True" in m.log()
         finally:
             m.stop()
+
+
+LAUNCH = """
+import os, sys
+fds = [int(x) for x in sys.argv[1].split(",")]
+high = [os.dup(fd) for fd in fds]
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)
+    os.set_inheritable(3 + i, True)  # dup2 onto itself keeps close-on-exec
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+def test_a_killed_supervisor_hands_over_through_systemds_store(
+    registry: RegistryServer, layer: BuiltLayer, tmp_path: Path
+) -> None:
+    """What systemd does with FileDescriptorStoreMax= and Restart=: it keeps the descriptors
+    the supervisor stored, and passes them (LISTEN_FDS) to the unit's next start."""
+    import socket
+
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(30)
+    stored: dict[str, int] = {}
+    m = start(tmp_path, registry.host, env={"NOTIFY_SOCKET": str(notify)})
+    m2: subprocess.Popen[bytes] | None = None
+    try:
+        while len(stored) < 4:
+            msg, fds, _, _ = socket.recv_fds(sock, 4096, 4)
+            fields = dict(line.split("=", 1) for line in msg.decode().splitlines() if "=" in line)
+            if fields.get("FDSTORE") == "1":
+                stored[fields["FDNAME"]] = fds[0]
+        assert set(stored) == {"als-fuse", "als-init", "als-journal", "als-underlay"}
+        diff = m.layer_dir(f"{registry.host}/takeover/app:1", layer.digest) / "diff"
+        with Reader(diff) as reader:
+            reader.wait_reads(20)
+            assert m.proc is not None
+            m.proc.kill()  # the supervisor: its server follows it (parent-death signal)
+            m.proc.wait()
+            names = list(stored)
+            env = {
+                **os.environ,
+                "LISTEN_FDS": str(len(names)),
+                "LISTEN_FDNAMES": ":".join(names),
+                "NOTIFY_SOCKET": str(notify),
+            }
+            with open(m.log_path, "ab") as logf:
+                m2 = subprocess.Popen(
+                    [
+                        ALS_MOUNT[0],
+                        "-c",
+                        LAUNCH,
+                        ",".join(str(stored[n]) for n in names),
+                        *ALS_MOUNT[1:],
+                        str(m.root),
+                        "--log-level",
+                        "debug",
+                        *m.args,
+                    ],
+                    pass_fds=list(stored.values()),
+                    env=env,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                )
+            wait_until(lambda: "took over the FUSE connection" in m.log(), 30)
+            reader.wait_reads(30)
+        assert reader.errors == [], reader.errors[:5]
+        assert "stale mount" not in m.log()
+        assert status(m)["server"] == {"generation": 2, "supervisor_pid": m2.pid}
+        m2.terminate()
+        assert m2.wait(30) == 0
+        removed: set[str] = set()
+        while len(removed) < 4:
+            text = sock.recv(4096).decode()
+            if "FDSTOREREMOVE=1" in text:
+                removed.add(text.split("FDNAME=")[1].strip())
+        assert removed == set(stored)
+    finally:
+        if m2 is not None and m2.poll() is None:
+            m2.kill()
+            m2.wait()
+        for fd in stored.values():
+            os.close(fd)
+        sock.close()
+        m.stop()

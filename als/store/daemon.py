@@ -104,7 +104,9 @@ async def serve(
     metrics = manager.metrics = Metrics(status)
     # The cache (layer records, use counts) is open before the mount appears, so that podman's
     # existing links into the pool work from the first lookup after a restart.
-    await manager.open()
+    # The walk counting the cache's bytes waits until we serve (a restarting server must be
+    # back in well under 2 s, whatever the cache holds).
+    await manager.open(scan_later=True)
     # The pool directory beneath the mount keeps native layers reachable when we are gone.
     underlay = Underlay(handoff.underlay_fd) if handoff else Underlay.open(cfg.pool)
     ready = {os.fsdecode(t.tree) for t in manager.native.trees.values()}

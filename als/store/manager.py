@@ -60,6 +60,7 @@ class LayerManager:
         )
         self.native = NativeLayers(ctx)
         self.evictor = Evictor(ctx, self._protected, self._trees_removed)
+        self._scan_pending = False
         self.scheduler.on_write = self.evictor.after_write
         chunks = ChunkLoader(ctx)
         readahead = ReadAhead(ctx, chunks)
@@ -109,12 +110,14 @@ class LayerManager:
     def cache_dir(self) -> Path:
         return Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.cfg.root / "cache"
 
-    async def open(self) -> None:
-        """Open the disk cache: layer records, use counts."""
+    async def open(self, *, scan_later: bool = False) -> None:
+        """Open the disk cache: layer records, use counts. With ``scan_later`` the walk that
+        counts the cache's bytes runs in :meth:`run`, after serving has begun."""
         disk = DiskCache(self.cache_dir(), self.cfg.cache_limit_mb * 1024 * 1024)
+        self._scan_pending = scan_later
 
         def load() -> tuple[dict[str, str], dict[tuple[str, str], int]]:
-            disk.open()
+            disk.open(scan=not scan_later)
             records: dict[str, str] = {}
             for rec in disk.layer_records():
                 records[rec.blob_digest] = rec.blob_digest
@@ -125,13 +128,29 @@ class LayerManager:
         self.ctx.disk = disk
         await self.native.open()
         log.info(
-            "cache-open dir=%s bytes=%d limit=%d layers=%d in-use=%d",
+            "cache-open dir=%s bytes=%s limit=%d layers=%d in-use=%d",
             disk.dir,
-            disk.total,
+            "(counted in the background)" if scan_later else disk.total,
             disk.limit,
             len({v for v in self.resolver.records.values()}),
             len(self.uses),
         )
+
+    async def _scan(self) -> None:
+        disk = self.disk
+        if disk is None:
+            return
+        started = trio.current_time()
+        await self.scheduler.disk_call(disk.rescan)
+        self._scan_pending = False
+        log.info(
+            "cache-scan bytes=%d limit=%d in %.2fs",
+            disk.total,
+            disk.limit,
+            trio.current_time() - started,
+        )
+        if disk.over_limit():
+            await self.evictor.evict()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Background work: restore layers in use, save use counts, evict, forget idle layers."""
@@ -139,6 +158,8 @@ class LayerManager:
             self.scheduler.nursery = nursery
             if self.disk is None:
                 await self.open()
+            if self._scan_pending:
+                nursery.start_soon(self._scan)
             for ref, digest in list(self.uses):
                 nursery.start_soon(self._restore, ref, digest)
             nursery.start_soon(self._save_uses_loop)

@@ -80,10 +80,14 @@ class DiskCache:
         self.misses = 0
         self.corrupt = 0
         self.open_ingests: dict[str, Ingest] = {}  # downloads this process writes
+        self._touched: set[str] | None = None  # accounted during a rescan
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def open(self) -> None:
+    def open(self, *, scan: bool = True) -> None:
+        """Make the layout and clear dead writes; ``scan=False`` leaves counting what is on
+        disk to a later :meth:`rescan` (it walks every chunk: seconds for a big cache, which a
+        restarting store should not spend before it serves)."""
         for sub in ("blobs/sha256", "ingest", "chunks/sha256", "layers", "native", "tmp"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
@@ -93,10 +97,16 @@ class DiskCache:
             with contextlib.suppress(OSError):
                 if p.stat().st_mtime < cutoff or not pid_alive(p.name.partition(".")[0]):
                     p.unlink()
-        self.rescan()
+        if scan:
+            self.rescan()
 
     def rescan(self) -> None:
-        """Recount what is on disk (other processes may share the directory)."""
+        """Recount what is on disk (other processes may share the directory).
+
+        Units this process accounts for while the walk runs are kept when the walk missed them
+        (written after it passed their directory)."""
+        with self._lock:
+            self._touched = set()
         units: dict[str, _Unit] = {}
         for p in _files(self.dir / "chunks" / "sha256", depth=2):
             with contextlib.suppress(OSError):
@@ -123,6 +133,10 @@ class DiskCache:
                 size = int(json.loads((d / "ready").read_bytes())["bytes"])
                 units[f"native/{d.name}"] = _Unit(size, st.st_mtime, d.name, st.st_mtime)
         with self._lock:
+            for key in self._touched or ():
+                if key not in units and key in self._units:
+                    units[key] = self._units[key]
+            self._touched = None
             self._units = units
             self.total = sum(u.size for u in units.values())
 
@@ -131,6 +145,8 @@ class DiskCache:
     def account(self, key: str, grown: int, layer: str | None) -> None:
         now = time.time()
         with self._lock:
+            if self._touched is not None:
+                self._touched.add(key)
             u = self._units.get(key)
             if u is None:
                 u = self._units[key] = _Unit(0, now, layer, now)

@@ -560,3 +560,27 @@ def test_open_keeps_a_live_process_tmp_file(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait(timeout=30)
+
+
+def test_a_deferred_scan_keeps_what_was_written_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarting store opens the cache without walking it and counts it later; units
+    written in between are not lost by the walk."""
+    first = DiskCache(tmp_path / "c", 0)
+    first.open()
+    assert first.put_chunk("sha256:" + "a" * 64, b"x" * 1000)
+    cache = DiskCache(tmp_path / "c", 0)
+    cache.open(scan=False)
+    assert cache.total == 0  # not counted yet
+    real_files = disk_mod._files
+
+    def files_then_write(d: Path, depth: int) -> Iterator[Path]:
+        yield from real_files(d, depth)
+        if d.name == "sha256" and d.parent.name == "chunks":
+            # a write lands after the walk passed the chunks
+            assert cache.put_chunk("sha256:" + "b" * 64, b"y" * 500)
+
+    monkeypatch.setattr(disk_mod, "_files", files_then_write)
+    cache.rescan()
+    assert cache.total == 1500

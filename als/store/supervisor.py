@@ -450,6 +450,7 @@ class Supervisor:
             and not self._stopping
         ):
             self._respawn_at = None
+            journal.compact(self.journal_fd)  # nobody writes it now: its writer is dead
             self.current = self.spawn(wait_go=False)
         for srv in (self.current, self.pending):
             if (

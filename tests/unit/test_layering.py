@@ -154,3 +154,37 @@ def test_the_parser_imports_no_command() -> None:
     assert als <= allowed | {"als.digest"}, als
     heavy = {"zstandard", "isal", "trio", "pyfuse3", "requests", "urllib3", "prometheus_client"}
     assert not heavy & {m.split(".")[0] for m in out}
+
+
+def daemon_imports() -> set[str]:
+    """The top-level packages a fresh ``als-mount`` process has imported once it can serve."""
+    code = "import sys, als.cli.mount; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PKG.parent
+    ).stdout.split()
+    return {m.split(".")[0] for m in out}
+
+
+def test_the_daemon_leaves_out_what_serving_does_not_need() -> None:
+    """Every import stays in the daemon's memory for its whole life (docs/performance.md)."""
+    tops = daemon_imports()
+    assert {"trio", "pyfuse3", "requests"} <= tops
+    # requests' character detection (only for text bodies without a charset; als reads bytes).
+    assert not {"charset_normalizer", "chardet"} & tops
+
+
+def test_requests_still_works_without_character_detection() -> None:
+    code = (
+        "import als.registry.transport, requests, charset_normalizer\n"
+        "r = requests.Response(); r._content = 'é'.encode(); r.encoding = None\n"
+        "print(r.text, r.apparent_encoding, charset_normalizer.__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=PKG.parent,
+    ).stdout.split()
+    # UTF-8 assumed, no warning, and charset_normalizer can still be imported by others.
+    assert out == ["é", "utf-8", "charset_normalizer"]

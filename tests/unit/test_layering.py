@@ -171,6 +171,8 @@ def test_the_daemon_leaves_out_what_serving_does_not_need() -> None:
     assert {"trio", "pyfuse3", "requests"} <= tops
     # requests' character detection (only for text bodies without a charset; als reads bytes).
     assert not {"charset_normalizer", "chardet"} & tops
+    # The Prometheus exposition: imported at the first scrape of /metrics.
+    assert "prometheus_client" not in tops
 
 
 def test_requests_still_works_without_character_detection() -> None:

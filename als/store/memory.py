@@ -27,7 +27,7 @@ import trio
 log = logging.getLogger(__name__)
 
 #: Chunk bytes passed through memory between two trims while reads go on.
-TRIM_EVERY = 4 << 20
+TRIM_EVERY = 1 << 20
 #: A burst of reads is over after this many seconds without chunk traffic.
 TRIM_QUIET = 0.2
 

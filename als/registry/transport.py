@@ -25,6 +25,7 @@ import re
 import shutil
 import socket
 import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -35,13 +36,28 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
-import urllib3
-from requests.utils import DEFAULT_CA_BUNDLE_PATH
+# requests imports a character detection library (chardet or charset_normalizer) for one use:
+# guessing the charset of a text body that declares none (Response.text, apparent_encoding).
+# als reads every body as bytes, and charset_normalizer's tables and compiled modules are
+# about 2.6 MB of the daemon's memory, so requests is imported without them: it then assumes
+# UTF-8 where it would have guessed. Neither is hidden if something imported it before.
+_CHARSET_LIBS = [m for m in ("chardet", "charset_normalizer") if m not in sys.modules]
+for _name in _CHARSET_LIBS:
+    sys.modules[_name] = None  # type: ignore[assignment]  # None: ImportError on import
+try:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Unable to find acceptable character detection")
+        import requests
+finally:
+    for _name in _CHARSET_LIBS:
+        if _name in sys.modules and sys.modules[_name] is None:
+            del sys.modules[_name]
+import urllib3  # noqa: E402
+from requests.utils import DEFAULT_CA_BUNDLE_PATH  # noqa: E402
 
-from als.errors import RegistryError
-from als.registry.config import RegistriesConf
-from als.registry.types import ClientStats
+from als.errors import RegistryError  # noqa: E402
+from als.registry.config import RegistriesConf  # noqa: E402
+from als.registry.types import ClientStats  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -34,14 +34,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Item = tuple[int, Chunk]  # (file id, chunk)
-Home = tuple["weakref.ref[Layer]", Chunk]
+# Where a chunk's compressed bytes are: the layer (held weakly) whose download holds them, and
+# the chunk's place in that layer's index (file id, number among the file's chunks).
+Home = tuple["weakref.ref[Layer]", int, int]
 
 #: What a fetch is for; also the label of the fetch metrics.
 FOREGROUND, READAHEAD, PREFETCH = "foreground", "readahead", "prefetch"
 
 _PREFETCH_GAP = 1 << 20  # prefetch reads through gaps this small: fewer, larger requests
 _VERIFY_ATTEMPTS = 3  # fetches of bytes that fail verification before a read gets EIO
-_MAX_HOMES = 200_000  # chunk digests remembered in ChunkLoader.homes (about 40 MB at most)
+_MAX_HOMES = 200_000  # chunk digests remembered in ChunkLoader.homes (about 30 MB at most)
+
+
+def _home_key(digest: str) -> int:
+    """The key of ``ChunkLoader.homes``: the first 64 bits of a chunk digest ("sha256:hex"),
+    a third of the memory of the digest string. A home found by it is checked against the
+    whole digest before it is used."""
+    return int(digest[7:23], 16)
 
 
 class ChunkLoader:
@@ -55,7 +64,7 @@ class ChunkLoader:
         # Chunks whose compressed bytes are in a layer's own download, by chunk digest: another
         # layer with the same content decodes them from there instead of fetching them (and the
         # cache keeps one copy). Bounded; the layers are held weakly.
-        self.homes: OrderedDict[str, Home] = OrderedDict()
+        self.homes: OrderedDict[int, Home] = OrderedDict()
 
     async def get(self, layer: Layer, items: Sequence[Item], kind: str) -> dict[str, bytes]:
         """The decoded, verified content of ``items``, by key; one fetch per chunk at a time."""
@@ -145,8 +154,8 @@ class ChunkLoader:
                         data = None
                         if cache.has_chunk(c.digest):
                             data = cache.get_chunk(c.digest)
-                        elif (home := self.homes.get(c.digest)) is not None:
-                            data = self._from_home(layer, home, gone)
+                        elif (home := self.homes.get(_home_key(c.digest))) is not None:
+                            data = self._from_home(layer, c.digest, home, gone)
                         if data is not None and len(data) == c.size:
                             found[k] = data
                             continue
@@ -214,7 +223,7 @@ class ChunkLoader:
         if ctx.disk is not None:
             own = layer.ingest is not None and layer.ingest.owned and not layer.complete
             fresh = [
-                (c.digest, c)
+                (fid, c)
                 for fid, c in pending
                 if c.digest is not None and not c.zeros and fid not in whole
             ]
@@ -222,13 +231,16 @@ class ChunkLoader:
             if own:
                 me = weakref.ref(layer)
                 homes = self.homes
-                for d, c in fresh:
-                    homes[d] = (me, c)
-                    homes.move_to_end(d)
+                index = layer.index
+                for fid, c in fresh:
+                    assert c.digest is not None
+                    key = _home_key(c.digest)
+                    homes[key] = (me, fid, index.chunk_at(fid, c.uoffset))
+                    homes.move_to_end(key)
                 while len(homes) > _MAX_HOMES:
                     homes.popitem(last=False)
             else:
-                to_store = [(d, out[layer.key(c)]) for d, c in fresh]
+                to_store = [(c.digest, out[layer.key(c)]) for _, c in fresh if c.digest]
             if to_store or fetched_spans:
                 ctx.scheduler.spawn_disk_write(lambda: self._store(layer, to_store, fetched_spans))
 
@@ -290,16 +302,19 @@ class ChunkLoader:
         return disk is not None and any(
             c.digest is not None
             and fid not in whole
-            and (disk.has_chunk(c.digest) or c.digest in self.homes)
+            and (disk.has_chunk(c.digest) or _home_key(c.digest) in self.homes)
             for fid, c in items
         )
 
-    def _from_home(self, reader: Layer, home: Home, gone: list[Layer]) -> bytes | None:
-        """A chunk with the same digest, decoded (and verified) from another layer's download.
+    def _from_home(self, reader: Layer, digest: str, home: Home, gone: list[Layer]) -> bytes | None:
+        """The chunk ``digest``, decoded (and verified) from another layer's download.
         Runs in a disk thread."""
-        layer, c = home[0](), home[1]
+        layer = home[0]()
         if layer is None or layer is reader:
             return None
+        c = layer.index.chunks(home[1])[home[2]]
+        if c.digest != digest:
+            return None  # another digest with the same first 64 bits
         raw = self._read_local(layer, c.coffset, c.cend, gone)
         if raw is None:
             return None

@@ -39,7 +39,7 @@ class StoreConfig:
     cpu_threads: int = 2
     disk_threads: int = 4
     # Bytes of decompressed, verified chunks kept in memory.
-    memory_cache_mb: int = 32
+    memory_cache_mb: int = 8
     # The disk cache (docs/cache.md): default ROOT/cache; 0 MiB means no limit.
     cache_dir: str | None = None
     cache_limit_mb: int = 10240

@@ -26,6 +26,7 @@ from als.store.context import StoreContext
 from als.store.eviction import Evictor, Protected
 from als.store.layer import Layer, LayerServices
 from als.store.memcache import ChunkCache
+from als.store.memory import MemoryTrimmer
 from als.store.native import NativeLayers
 from als.store.ports import MetricsSink, Source
 from als.store.prefetch import Prefetcher
@@ -51,11 +52,13 @@ class LayerManager:
         self.scheduler = scheduler or Scheduler(
             cfg.net_threads, cfg.cpu_threads, cfg.disk_threads, cfg.background_concurrency
         )
+        # Gives the allocator's free pages back after bursts of chunk traffic (while run()).
+        self.trimmer = MemoryTrimmer()
         self.ctx = ctx = StoreContext(
             cfg=cfg,
             source=source,
             scheduler=self.scheduler,
-            memory=ChunkCache(cfg.memory_cache_mb * 1024 * 1024),
+            memory=ChunkCache(cfg.memory_cache_mb * 1024 * 1024, self.trimmer.note),
             metrics=metrics,
         )
         self.native = NativeLayers(ctx)
@@ -163,6 +166,7 @@ class LayerManager:
             for ref, digest in list(self.uses):
                 nursery.start_soon(self._restore, ref, digest)
             nursery.start_soon(self._save_uses_loop)
+            nursery.start_soon(self.trimmer.run)
             task_status.started()
             ticks = 0
             while True:

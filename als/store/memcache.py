@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class ChunkCache:
-    """A bounded LRU of decompressed, verified chunks in memory, by bytes held."""
+    """A bounded LRU of decompressed, verified chunks in memory, by bytes held.
 
-    def __init__(self, max_bytes: int) -> None:
+    ``on_put`` is told the size of every chunk offered to the cache, kept or not (the
+    manager's :class:`~als.store.memory.MemoryTrimmer` counts the chunk traffic with it).
+    """
+
+    def __init__(self, max_bytes: int, on_put: Callable[[int], None] | None = None) -> None:
         self.max_bytes = max_bytes
+        self.on_put = on_put
         self.bytes = 0
         self._data: OrderedDict[str, bytes] = OrderedDict()
         self.hits = 0
@@ -29,6 +35,8 @@ class ChunkCache:
 
     def put(self, key: str, data: bytes) -> bool:
         """Keep ``data``; False if it is larger than the whole cache (then it is not kept)."""
+        if self.on_put is not None:
+            self.on_put(len(data))
         if len(data) > self.max_bytes:
             return False
         old = self._data.pop(key, None)

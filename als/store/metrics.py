@@ -1,26 +1,29 @@
 """Prometheus metrics for the store: latency histograms plus gauges read from ``status()``.
 
-Each :class:`Metrics` owns a private :class:`prometheus_client.CollectorRegistry` (never the
-process-global one), so a test can create as many as it likes and two daemons in one process
-cannot clash. Histograms are fed by the code doing the work (``observe_fetch`` /
-``observe_read``); everything else is taken from the manager's ``status()`` dict when
+Histograms are fed by the code doing the work (``observe_fetch`` / ``observe_read``) and kept
+here as plain bucket counts; everything else is taken from the manager's ``status()`` dict when
 Prometheus scrapes, so the numbers can never drift from what ``als status`` shows.
 
-Only this module and :mod:`als.store.control` import ``prometheus_client``.
+``prometheus_client`` (about 1.5 MB of the daemon's memory) is imported at the first scrape,
+never by a daemon nobody scrapes. Each :class:`Metrics` then builds a private
+:class:`prometheus_client.CollectorRegistry` (never the process-global one), so a test can
+create as many as it likes and two daemons in one process cannot clash.
+
+Only this module imports ``prometheus_client``.
 """
 
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
-
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client import generate_latest as _generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING, Any
 
 from als.store.status import StoreStatus
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("als.metrics")
 
@@ -63,13 +66,15 @@ def _num(value: Any) -> float:
     return 0.0
 
 
-class _StatusCollector(Collector):
+class _StatusCollector:
     """Turns one ``status()`` call per scrape into gauges and counters."""
 
     def __init__(self, status_fn: StatusFn) -> None:
         self._status_fn = status_fn
 
     def collect(self) -> Iterable[Metric]:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
         try:
             status = self._status_fn()
         except Exception:
@@ -81,6 +86,8 @@ class _StatusCollector(Collector):
         return list(self._families(status))
 
     def _families(self, status: StoreStatus | Mapping[str, Any]) -> Iterable[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
         up = GaugeMetricFamily("als_status_up", "1 if status() answered at this scrape")
         up.add_metric([], 1.0)
         yield up
@@ -152,49 +159,94 @@ class _StatusCollector(Collector):
             yield fam
 
 
+class _Histogram:
+    """Observations in LATENCY_BUCKETS: per-bucket counts (the last one is +Inf) and the sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # A bucket holds the values up to and including its bound (Prometheus' "le").
+        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.counts, strict=True):
+            total += n
+            out.append((bound, float(total)))
+        return out
+
+
+class _ObservedCollector:
+    """The histograms and byte counters of one :class:`Metrics`, at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
+
+        m = self._m
+        fetch = HistogramMetricFamily(
+            "als_registry_fetch_seconds",
+            "Time to fetch one range request from a registry",
+            labels=["kind"],
+        )
+        for kind, h in m.fetch_seconds.items():
+            fetch.add_metric([kind], h.cumulative(), h.sum)
+        yield fetch
+        fetched = CounterMetricFamily(
+            "als_registry_fetched_bytes", "Bytes received from registries", labels=["kind"]
+        )
+        for kind, n in m.fetched_bytes.items():
+            fetched.add_metric([kind], float(n))
+        yield fetched
+        read = HistogramMetricFamily("als_fuse_read_seconds", "Time to answer one FUSE read")
+        read.add_metric([], m.read_seconds.cumulative(), m.read_seconds.sum)
+        yield read
+
+
 class Metrics:
     """The store's metrics. ``status_fn`` is called once per scrape, on the scraping thread."""
 
-    content_type: str = CONTENT_TYPE_LATEST
-
     def __init__(self, status_fn: StatusFn) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self._fetch_seconds = Histogram(
-            "als_registry_fetch_seconds",
-            "Time to fetch one range request from a registry",
-            labelnames=["kind"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._fetched_bytes = Counter(
-            "als_registry_fetched_bytes",
-            "Bytes received from registries",
-            labelnames=["kind"],
-            registry=self.registry,
-        )
-        self._read_seconds = Histogram(
-            "als_fuse_read_seconds",
-            "Time to answer one FUSE read",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        for kind in FETCH_KINDS:  # export zeros from the start, so rate() works at once
-            self._fetch_seconds.labels(kind=kind)
-            self._fetched_bytes.labels(kind=kind)
-        self.registry.register(_StatusCollector(status_fn))
+        self._status_fn = status_fn
+        # Every kind from the start (zeros), so that rate() works at once.
+        self.fetch_seconds = {kind: _Histogram() for kind in FETCH_KINDS}
+        self.fetched_bytes = dict.fromkeys(FETCH_KINDS, 0)
+        self.read_seconds = _Histogram()
+        self._registry: CollectorRegistry | None = None
+
+    @property
+    def content_type(self) -> str:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return CONTENT_TYPE_LATEST
 
     def observe_fetch(self, kind: str, seconds: float, nbytes: int) -> None:
         """Record one registry fetch of ``nbytes`` taking ``seconds``."""
         if kind not in FETCH_KINDS:
             raise ValueError(f"fetch kind {kind!r} is not one of {', '.join(FETCH_KINDS)}")
-        self._fetch_seconds.labels(kind=kind).observe(seconds)
+        self.fetch_seconds[kind].observe(seconds)
         if nbytes > 0:
-            self._fetched_bytes.labels(kind=kind).inc(nbytes)
+            self.fetched_bytes[kind] += nbytes
 
     def observe_read(self, seconds: float) -> None:
         """Record the latency of one FUSE read."""
-        self._read_seconds.observe(seconds)
+        self.read_seconds.observe(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
-        return _generate_latest(self.registry)
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if self._registry is None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_ObservedCollector(self))
+            registry.register(_StatusCollector(self._status_fn))
+            self._registry = registry
+        return generate_latest(self._registry)

@@ -3,6 +3,10 @@
 Misses (foreground fetches from the registry) that continue the previous one look like a
 reader walking the blob in order (tar, cp -r, a large file read through); then the next
 window is fetched, in windows that double up to ``readahead_kb``. A random access resets that.
+
+What is read ahead waits for its reader in the memory cache, so a window holds at most half
+of the memory cache in decoded bytes: a larger one would push its own first chunks out before
+the reader gets there, and they would be decoded again from disk (or fetched again).
 """
 
 from __future__ import annotations
@@ -80,9 +84,13 @@ class ReadAhead:
     async def _readahead(self, layer: Layer, start: int, end: int) -> None:
         ra = layer.ra
         try:
-            items, ra.order = await self._ctx.scheduler.cpu_call(
+            items, ra.order, stop = await self._ctx.scheduler.cpu_call(
                 partial(self._items_between, layer, ra.order, start, end)
             )
+            if stop < end and ra.lo == start:
+                # Cut to what the memory cache can hold: the next window starts there.
+                ra.next = stop
+                ra.window = max(stop - start, 1)
             if items:
                 await self._loader.get(layer, items, READAHEAD)
         except AlsError as exc:
@@ -92,15 +100,19 @@ class ReadAhead:
 
     def _items_between(
         self, layer: Layer, order: FileOrder | None, start: int, end: int
-    ) -> tuple[list[Item], FileOrder]:
+    ) -> tuple[list[Item], FileOrder, int]:
         """The chunks stored in blob bytes [start, end), skipping what the memory cache has and
-        files verified as a whole that do not fit (their chunks only come all together); and
-        the file order (built here the first time). Runs in a cpu thread."""
+        files verified as a whole that do not fit (their chunks only come all together); the
+        file order (built here the first time); and where the window really ends: before
+        ``end`` if its chunks would fill more than half of the memory cache (the first file's
+        chunks are always taken). Runs in a cpu thread."""
         index = layer.index
         if order is None:
             order = _file_order(index)
         firsts, fids = order
         memory = self._ctx.memory
+        budget = memory.max_bytes // 2
+        held = 0
         items: list[Item] = []
         k = max(bisect_right(firsts, start) - 1, 0)
         while k < len(fids) and firsts[k] < end:
@@ -110,14 +122,21 @@ class ReadAhead:
             if index.whole_file_verify(fid):
                 if chunks[0].coffset < start or chunks[-1].cend > end:
                     continue
+                size = sum(c.size for c in chunks)
+                if items and held + size > budget:
+                    return items, order, max(chunks[0].coffset, start + 1)
                 items.extend((fid, c) for c in chunks)
+                held += size
                 continue
             for c in chunks:
                 if c.coffset >= end:
                     break
                 if c.coffset >= start and not c.zeros and layer.key(c) not in memory:
+                    if items and held + c.size > budget:
+                        return items, order, max(c.coffset, start + 1)
                     items.append((fid, c))
-        return items, order
+                    held += c.size
+        return items, order, end
 
 
 def _file_order(index: LayerIndex) -> FileOrder:

@@ -169,3 +169,42 @@ def test_the_supervisor_stays_small() -> None:
         t for t in tops if t.startswith("__editable__")
     }, tops
     assert not {m for m in out if m.startswith(("als.formats", "als.registry", "als.convert"))}
+
+
+def daemon_imports() -> set[str]:
+    """The top-level packages a server process (als-mount's child) has imported to serve."""
+    code = (
+        "import sys, als.cli.mount, als.store.daemon, als.registry; "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PKG.parent
+    ).stdout.split()
+    return {m.split(".")[0] for m in out}
+
+
+def test_the_daemon_leaves_out_what_serving_does_not_need() -> None:
+    """Every import stays in the daemon's memory for its whole life (docs/performance.md)."""
+    tops = daemon_imports()
+    assert {"trio", "pyfuse3", "requests"} <= tops
+    # requests' character detection (only for text bodies without a charset; als reads bytes).
+    assert not {"charset_normalizer", "chardet"} & tops
+    # The Prometheus exposition: imported at the first scrape of /metrics.
+    assert "prometheus_client" not in tops
+
+
+def test_requests_still_works_without_character_detection() -> None:
+    code = (
+        "import als.registry.transport, requests, charset_normalizer\n"
+        "r = requests.Response(); r._content = 'é'.encode(); r.encoding = None\n"
+        "print(r.text, r.apparent_encoding, charset_normalizer.__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=PKG.parent,
+    ).stdout.split()
+    # UTF-8 assumed, no warning, and charset_normalizer can still be imported by others.
+    assert out == ["é", "utf-8", "charset_normalizer"]

@@ -261,3 +261,18 @@ def test_content_type_is_the_text_format() -> None:
     m = Metrics(fake_status)
     assert m.content_type.startswith("text/plain")
     assert "version=" in m.content_type
+
+
+def test_observations_before_the_first_scrape_are_all_exported() -> None:
+    m = Metrics(fake_status)
+    for _ in range(1000):
+        m.observe_read(0.0003)
+        m.observe_fetch("readahead", 0.02, 100)
+    first = m.render()
+    m.observe_read(100.0)  # above the last bound: only in +Inf
+    second = m.render()
+    assert value(first, "als_fuse_read_seconds_count") == 1000
+    assert value(first, "als_registry_fetched_bytes_total", kind="readahead") == 100_000
+    assert value(second, "als_fuse_read_seconds_bucket", le="60.0") == 1000
+    assert value(second, "als_fuse_read_seconds_bucket", le="+Inf") == 1001
+    assert math.isclose(value(second, "als_fuse_read_seconds_sum"), 0.3 + 100.0)

@@ -21,6 +21,7 @@ import trio
 import zstandard
 
 from als.errors import AlsError, VerifyError
+from als.store import chunks as chunk_loader
 from als.store.config import StoreConfig
 from als.store.fs.protocol import info_json
 from als.store.layer import Layer
@@ -122,6 +123,27 @@ async def test_same_file_in_two_layers_is_fetched_once(tmp_path: Path) -> None:
     async with running(src, tmp_path) as m:
         l2 = await m.lookup(REF, two.digest)
         assert await read_all(l2, "b/shared") == shared
+
+
+async def test_a_chunk_is_never_taken_from_another_digest_with_the_same_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where chunks are is keyed by 64 bits of their digest; a home under the same key must
+    # still be the same digest. Here every digest has the same key.
+    monkeypatch.setattr(chunk_loader, "_home_key", lambda digest: 0)
+    x, y = noise("x", 64 * 1024), noise("y", 64 * 1024)
+    one = make_layer({"a/x": x}, "estargz", chunk_size=64 * 1024)
+    two = make_layer({"b/y": y}, "estargz", chunk_size=64 * 1024)
+    src = FakeSource()
+    src.add_image(REF, [one, two])
+    async with running(src, tmp_path) as m:
+        l1 = await m.lookup(REF, one.digest)
+        assert await read_all(l1, "a/x") == x
+        await m.flush()
+        l2 = await m.lookup(REF, two.digest)
+        requests = src.requests
+        assert await read_all(l2, "b/y") == y  # not a/x's chunk, decoded from the home
+        assert src.requests == requests + 1
 
 
 async def test_restart_needs_no_registry_and_ignores_moved_tags(

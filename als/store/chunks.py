@@ -53,6 +53,16 @@ def _home_key(digest: str) -> int:
     return int(digest[7:23], 16)
 
 
+class _Flight:
+    """One chunk being loaded by some task: its waiters get the bytes (None if it failed)."""
+
+    __slots__ = ("data", "done")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+
+
 class ChunkLoader:
     """Gets the decoded, verified chunks of any layer (one loader serves the whole store)."""
 
@@ -60,7 +70,7 @@ class ChunkLoader:
         self._ctx = ctx
         #: Told of each foreground fetch from the registry: (layer, blob start, blob end).
         self.on_miss: Callable[[Layer, int, int], None] = lambda layer, start, end: None
-        self.inflight: dict[str, trio.Event] = {}
+        self.inflight: dict[str, _Flight] = {}
         # Chunks whose compressed bytes are in a layer's own download, by chunk digest: another
         # layer with the same content decodes them from there instead of fetching them (and the
         # cache keeps one copy). Bounded; the layers are held weakly.
@@ -72,7 +82,7 @@ class ChunkLoader:
         got: dict[str, bytes] = {}
         for _attempt in range(3):
             todo: dict[str, Item] = {}
-            waits: list[trio.Event] = []
+            waits: list[tuple[str, _Flight]] = []
             for fid, c in items:
                 k = layer.key(c)
                 if k in got or k in todo:
@@ -80,19 +90,25 @@ class ChunkLoader:
                 data = memory.get(k)
                 if data is not None:
                     got[k] = data
-                elif (ev := self.inflight.get(k)) is not None:
-                    waits.append(ev)
+                elif (flight := self.inflight.get(k)) is not None:
+                    waits.append((k, flight))
                 else:
                     todo[k] = (fid, c)
             if todo:
                 got.update(await self._load(layer, list(todo.values()), kind))
-            for ev in waits:
-                await ev.wait()
+            for k, flight in waits:
+                await flight.done.wait()
+                # The fetch hands its bytes to its waiters: the memory cache may already have
+                # dropped them (a cache smaller than what readers of one big file share).
+                if flight.data is not None:
+                    got[k] = flight.data
             if all(layer.key(c) in got for _, c in items):
                 return got
             if not waits:
                 break
-        # Waited for another task's fetch, which failed: the caller gets EIO; the next read retries.
+            # An awaited fetch failed: try again, fetching what is missing ourselves.
+        # Waited for other tasks' fetches, which kept failing: the caller gets EIO; the next read
+        # retries.
         raise RegistryError(
             f"layer {layer.digest}: content not available (an earlier fetch failed)"
         )
@@ -108,11 +124,14 @@ class ChunkLoader:
                     if layer.key(c) not in seen:
                         items.append((fid, c))
                         seen.add(layer.key(c))
-        events = {layer.key(c): trio.Event() for _, c in items}
-        for k, ev in events.items():
-            self.inflight.setdefault(k, ev)
+        flights = {layer.key(c): _Flight() for _, c in items}
+        for k, flight in flights.items():
+            self.inflight.setdefault(k, flight)
         try:
-            return await self._load_in_flight(layer, items, whole, kind)
+            out = await self._load_in_flight(layer, items, whole, kind)
+            for k, flight in flights.items():
+                flight.data = out.get(k)
+            return out
         except AlsError as exc:
             layer.read_errors += kind == FOREGROUND
             layer.last_error = str(exc)
@@ -123,10 +142,10 @@ class ChunkLoader:
             )
             raise
         finally:
-            for k, ev in events.items():
-                if self.inflight.get(k) is ev:
+            for k, flight in flights.items():
+                if self.inflight.get(k) is flight:
                     del self.inflight[k]
-                ev.set()
+                flight.done.set()
 
     async def _load_in_flight(
         self, layer: Layer, items: list[Item], whole: set[int], kind: str

@@ -634,6 +634,7 @@ def log_events(text: str, needle: str) -> list[tuple[float, str]]:
 
 SERVER_START = re.compile(r"server-start generation=(\d+) pid=(\d+)")
 SERVER_DEATH = re.compile(r"server pid (\d+) \(generation (\d+)\) died with (signal|status) (\d+)")
+RESTORED = re.compile(r"takeover-restored nodes=\d+ instances=\d+ layers=(\d+)/(\d+) in ([\d.]+)s")
 RESTART_DONE = re.compile(
     r"restart-done generation=(\d+) pid=(\d+) spawn_to_serving=([\d.]+)s since_loss=([\d.]+)s"
 )
@@ -661,10 +662,22 @@ def supervisor_events(log: str) -> dict[str, Any]:
                     "since_loss": float(m.group(4)),
                 }
             )
+    restored = []
+    for t, line in log_events(log, "takeover-restored "):
+        if m := RESTORED.search(line):
+            restored.append(
+                {
+                    "t": t,
+                    "layers": int(m.group(1)),
+                    "of": int(m.group(2)),
+                    "seconds": float(m.group(3)),
+                }
+            )
     return {
         "servers_started": sum(1 for _ in SERVER_START.finditer(log)),
         "deaths": deaths,
         "restarts": restarts,
+        "restored": restored,
     }
 
 
@@ -676,6 +689,12 @@ def kill_report(run: Run, k: Kill, sup: dict[str, Any], done: list[Phase]) -> di
     back = next(
         (e for e in sup["restarts"] if e["generation"] > k.generation and e["t"] >= k.t - 1.0),
         None,
+    )
+    # the new server holds every request until it has looked the layers up again
+    restored = (
+        None
+        if back is None
+        else next((e for e in sup["restored"] if e["t"] >= back["t"] - 1.0), None)
     )
     phase = next((ph for ph in done if ph.name == k.phase), None)
     per: dict[str, dict[str, float | None]] = {}
@@ -716,6 +735,9 @@ def kill_report(run: Run, k: Kill, sup: dict[str, Any], done: list[Phase]) -> di
         "spawn_to_serving_s": None if back is None else back["spawn_to_serving"],
         "since_loss_s": None if back is None else back["since_loss"],
         "status_names_new_server_s": round(k.status_back - k.t, 2) if k.status_back else None,
+        "takeover_restored_s": None if restored is None else round(restored["t"] - k.t, 3),
+        "restore_seconds": None if restored is None else restored["seconds"],
+        "layers_restored": None if restored is None else f"{restored['layers']}/{restored['of']}",
         "containers": per,
         "recover_seconds": recover,
         "longest_pause_s": None if None in pauses else max(x or 0.0 for x in pauses),
@@ -946,7 +968,9 @@ def verdict_lines(s: dict[str, Any], lazy: dict[str, Any]) -> tuple[list[str], b
         f"server kills recovered within {RECOVERY_BAR:g} s: {kills_ok} passed, {kills_bad} failed"
         + "".join(
             f"; kill {i}: restart-done {fmt_s(k['restart_done_s'], 3)} after it "
-            f"(spawn to serving {fmt_s(k['spawn_to_serving_s'], 3)}), every container reading "
+            f"(spawn to serving {fmt_s(k['spawn_to_serving_s'], 3)}), layers "
+            f"{k['layers_restored'] or 'not'} restored {fmt_s(k['takeover_restored_s'], 3)} "
+            f"after it, every container reading "
             f"correctly {fmt_s(k['recover_seconds'])} after it, longest pause "
             f"{fmt_s(k['longest_pause_s'])}"
             for i, k in enumerate(kills, 1)

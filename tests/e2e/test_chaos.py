@@ -84,6 +84,7 @@ def test_chaos_quick(tmp_path: Path) -> None:
             kill,
             report,
         )
+        assert kill["layers_restored"] == "6/6", (kill, report)  # every layer, before reads go on
         assert kill["recover_seconds"] is not None and kill["recover_seconds"] < 10, (kill, report)
         assert kill["longest_pause_s"] is not None and kill["longest_pause_s"] < 10, (kill, report)
     assert "passed" in p.stdout and p.returncode == 0, report

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The chaos run: do containers keep reading correct data through registry faults, an
-unreachable registry, als-mount crashes and cache eviction?
+unreachable registry, kills of the store's server and cache eviction?
 
 Set-up (everything real, on loopback): a docker-registry; the project's fault proxy
 (tests/support/faultproxy.py) in front of it; three images built from files of this machine
@@ -16,17 +16,22 @@ build time. The host's page cache is dropped every few seconds so that reads rea
 
 Chaos, in turns with quiet gaps: connections reset mid-body, 500/503/429, stalled answers,
 truncated bodies, corrupted bytes, connections dropped without an answer, the registry
-unreachable (30 s; 5 s with --quick), and twice ``kill -9`` of als-mount followed by a restart on
-the same root and cache (the containers are then restarted, as a supervisor would: running
-containers do not survive an als restart, their FUSE connection died with the process).
+unreachable (30 s; 5 s with --quick), and twice ``kill -9`` of the store's *server* process (found
+through the status document) in the middle of a fault phase. als-mount's supervisor keeps the
+FUSE connection and starts a new server; the containers are not touched: their reads pause and go
+on (the kernel resends what the dead server had read). Recovery is reported per kill: the time to
+the supervisor's ``restart-done`` line (with its ``spawn_to_serving`` and ``since_loss``), and
+the longest pause any container saw between two correct reads around the kill.
 
-Every failed read is classified: while als was down (until its containers were restarted) it
-is "unavailable"; an EIO is "explained" if a fault that blocked every request was active within
-the read deadline before it, or if the store's log shows it gave up retrying within that window
-("giving up after N attempt(s)"); anything else is unexplained. The bar: zero wrong reads, zero
-unexplained failures, zero unplanned crashes (the daemon alive, no traceback or internal error
-in its log), eviction seen, every layer pulled lazily, and every container passing a whole
-checksum round after the faults.
+Every failed read is classified: in a kill phase it is a failure, whatever the error (the kill
+phases allow none); elsewhere an EIO is "explained" if a fault that blocked every request was
+active within the read deadline before it, or if the store's log shows it gave up retrying within
+that window ("giving up after N attempt(s)"); anything else is unexplained. The bar: zero wrong
+reads, zero unexplained failures (so zero failed reads in the kill phases), every kill recovered
+(a new server served and every container read correctly again, within 10 s), zero unplanned
+crashes (no server death that was not induced, the supervisor alive and exiting 0, no traceback
+or internal error in the log), eviction seen, every layer pulled lazily, and every container
+passing a whole checksum round after the faults.
 
 Prints ``<check>: N passed, N failed`` lines (stderr with the details, stdout for the lines and
 the JSON summary) and exits 1 if the bar is not met, 2 if it cannot run (not root, no podman...).
@@ -39,10 +44,12 @@ import argparse
 import contextlib
 import datetime as dt
 import hashlib
+import itertools
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -54,6 +61,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from als.cli.status import StatusError, fetch_status
 from als.formats.writer import BuiltLayer, build_estargz, build_zstd_chunked
 from tests.support.faultproxy import Fault, FaultProxy, Phase, Schedule
 from tests.support.mount import FUSE_AVAILABLE, ProcessMount
@@ -85,7 +93,9 @@ def note(msg: str) -> None:
 # ---- the plan --------------------------------------------------------------------------------
 
 
-RESTART_TIMEOUT = 90.0  # seconds for a restarted als-mount to serve again
+START_TIMEOUT = 90.0  # seconds for als-mount to serve at the start, under load
+SERVER_TIMEOUT = 90.0  # seconds for a new server to serve after a kill (generous: a failure)
+RECOVERY_BAR = 10.0  # seconds from a kill until every container read correctly again
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,7 @@ class Plan:
     warmup: float
     drop_every: float
     final_timeout: float
-    down: float  # seconds between kill -9 and the restart of als-mount
+    kill_after: float  # seconds into a kill phase (its faults active) before the kill -9
 
 
 def make_plan(quick: bool) -> Plan:
@@ -141,7 +151,7 @@ def make_plan(quick: bool) -> Plan:
             warmup=6.0,
             drop_every=2.0,
             final_timeout=90.0,
-            down=1.0,
+            kill_after=3.0,
         )
     images = [
         ImageDef("py", "estargz", py, 100_000, 64 << 20),
@@ -169,7 +179,7 @@ def make_plan(quick: bool) -> Plan:
         warmup=20.0,
         drop_every=3.0,
         final_timeout=240.0,
-        down=2.0,
+        kill_after=10.0,
     )
 
 
@@ -267,8 +277,9 @@ class Read:
     wrong: bool = False
     error: str = ""  # the error text of a failed read
     errno: str = ""  # EIO, ENOTCONN, ENOENT, other
-    verdict: str = ""  # correct, wrong, unavailable, explained, unexplained
+    verdict: str = ""  # correct, wrong, explained, unexplained
     why: str = ""
+    in_kill_phase: bool = False  # a failed read while a kill phase ran (never explained)
 
 
 def parse_k8s_time(stamp: str) -> float:
@@ -383,16 +394,17 @@ class Collector:
 
 
 @dataclass
-class Outage:
-    """One induced kill -9 of als-mount and the recovery after it (wall-clock times)."""
+class Kill:
+    """One induced ``kill -9`` of the store's server and the takeover after it (wall-clock
+    times)."""
 
-    kill: float
-    exited: float = 0.0  # the killed process was reaped
-    als_up: float = 0.0
-    containers_up: float = 0.0
-    start_attempts: dict[str, int] = field(default_factory=dict)  # -1: never started
-    start_errors: list[str] = field(default_factory=list)
-    recreated: list[str] = field(default_factory=list)  # removed and run anew
+    t: float  # the kill
+    pid: int  # the killed server
+    generation: int
+    new_pid: int = 0
+    new_generation: int = 0
+    status_back: float = 0.0  # the status document names a newer server (0: never)
+    phase: str = ""
 
 
 @dataclass
@@ -408,9 +420,7 @@ class Run:
     pm: Podman | None = None
     images: list[Image] = field(default_factory=list)
     collectors: dict[str, Collector] = field(default_factory=dict)
-    outages: list[Outage] = field(default_factory=list)
-    exits: list[int | None] = field(default_factory=list)  # als-mount exit codes (kills: -9)
-    log_offsets: list[int] = field(default_factory=list)  # log start of each als-mount life
+    kills: list[Kill] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
     drops: int = 0
@@ -419,74 +429,65 @@ class Run:
 
     # -- als-mount --
     def start_als(self) -> ProcessMount:
-        self.log_offsets.append(self.log_size())
-        # Under the chaos load (busy CPUs, page cache dropped every few seconds) the daemon's
-        # start-up (Python imports from a cold cache, the stale mount's cleanup) can take well
-        # over the tests' usual 20 s; how long it took is reported as the recovery time.
-        self.mount = ProcessMount(self.root, *self.als_args).start(timeout=RESTART_TIMEOUT)
+        # Under the chaos load (busy CPUs, page cache dropped every few seconds) the start-up
+        # (Python imports from a cold cache, a stale mount's cleanup) can take well over the
+        # tests' usual 20 s.
+        self.mount = ProcessMount(self.root, *self.als_args).start(timeout=START_TIMEOUT)
         return self.mount
-
-    def log_size(self) -> int:
-        p = self.root.parent / f"{self.root.name}-als.log"
-        return p.stat().st_size if p.exists() else 0
 
     def als_log(self) -> str:
         assert self.mount is not None
         return self.mount.log()
 
-    def kill_and_recover(self) -> None:
-        assert self.mount is not None and self.mount.proc is not None and self.pm is not None
-        out = Outage(kill=time.time())
-        self.outages.append(out)
-        note(f"kill -9 als-mount (pid {self.mount.proc.pid})")
-        self.mount.proc.kill()
-        self.exits.append(self.mount.proc.wait())
-        out.exited = time.time()
-        time.sleep(self.plan.down)
-        self.start_als()
-        out.als_up = time.time()
-        self.restart_containers(out)
-        out.containers_up = time.time()
-        note(
-            f"als-mount back after {out.als_up - out.kill:.1f} s, containers restarted after "
-            f"{out.containers_up - out.kill:.1f} s"
-        )
+    def server(self) -> tuple[int, int] | None:
+        """The serving server's pid and generation, from the status document (None between two
+        servers)."""
+        try:
+            doc = fetch_status(self.root, timeout=10.0)
+        except StatusError:
+            return None
+        srv = doc.get("server")
+        if not isinstance(srv, dict) or not isinstance(doc.get("pid"), int):
+            return None
+        assert self.mount is not None and self.mount.proc is not None
+        if srv.get("supervisor_pid") != self.mount.proc.pid:
+            note(f"the store at {self.root} is not served by our als-mount: {srv}")
+            return None
+        return int(doc["pid"]), int(srv["generation"])
 
-    def restart_containers(self, out: Outage) -> None:
-        """What a supervisor does after an als-mount crash: stop every container, then start
-        it again. ``podman restart`` (or a start right after the stop) can fail with
-        "executable file not found" or "container with given ID already exists": podman's
-        asynchronous clean-up of the old rootfs mount (over the dead FUSE mount) has not
-        finished yet. So: stop, ``podman container cleanup``, start, retried for a while; the
-        attempts are reported."""
-        assert self.pm is not None
-        names = [c for c, _ in self.plan.containers]
-        self.pm("stop", "-t", "2", *names, timeout=180, check=False)
-        for name in names:
-            for attempt in range(1, 9):
-                if attempt <= 4:
-                    # unmount what is left of the old rootfs (its lower layers were the dead
-                    # mount), then start the same container again
-                    self.pm("container", "cleanup", name, timeout=60, check=False)
-                    r = self.pm("start", name, timeout=120, check=False)
-                else:
-                    # still refused: replace the container, as a supervisor would
-                    self.pm("rm", "-f", "-t", "0", name, timeout=120, check=False)
-                    r = self.pm("run", "-d", *self.run_args[name], timeout=120, check=False)
-                    out.recreated.append(name)
-                state = self.pm(
-                    "inspect", "--format", "{{.State.Status}}", name, check=False
-                ).stdout.strip()
-                if state == "running":
-                    out.start_attempts[name] = attempt
-                    break
-                out.start_errors.append(
-                    f"{name} attempt {attempt}: {state}: {r.stderr.strip()[-200:]}"
-                )
-                time.sleep(1.0)
-            else:
-                out.start_attempts[name] = -1
-                note(f"container {name} does not start again: {out.start_errors[-1]}")
+    def kill_server(self, phase: str) -> None:
+        """``kill -9`` of the serving server, some seconds into the phase (its faults active,
+        reads retrying in the server); then wait until the status document names a newer
+        server. als-mount (the supervisor) and the containers are left alone."""
+        time.sleep(self.plan.kill_after)
+        found = None
+        deadline = time.monotonic() + SERVER_TIMEOUT
+        while found is None and time.monotonic() < deadline:
+            found = self.server()
+            if found is None:
+                time.sleep(0.2)
+        if found is None:  # reported as a kill that did not recover (fewer than planned)
+            note(f"no server answers the status at {self.root}: no kill")
+            return
+        pid, gen = found
+        k = Kill(t=time.time(), pid=pid, generation=gen, phase=phase)
+        self.kills.append(k)
+        os.kill(pid, signal.SIGKILL)
+        note(f"kill -9 server pid {pid} (generation {gen})")
+        while time.monotonic() < deadline:
+            now = self.server()
+            if now is not None and now[1] > gen:
+                k.new_pid, k.new_generation = now
+                k.status_back = time.time()
+                break
+            time.sleep(0.1)
+        if k.status_back:
+            note(
+                f"server generation {k.new_generation} (pid {k.new_pid}) in the status "
+                f"{k.status_back - k.t:.2f} s after the kill"
+            )
+        else:
+            note(f"no new server {SERVER_TIMEOUT:g} s after the kill")
 
     # -- page cache --
     def dropper(self) -> None:
@@ -561,21 +562,24 @@ def phases(run: Run) -> list[Phase]:
     def quiet(i: int) -> Phase:
         return Phase(f"quiet-{i}", plan.gap)
 
+    def with_kill(name: str, faults: list[Fault]) -> Phase:
+        """A fault phase with a kill -9 of the server in it (longer: the kill comes
+        ``kill_after`` seconds in, and the phase goes on well past the takeover)."""
+        return Phase(name, n + 4, faults, action=lambda: run.kill_server(name))
+
     seq = [
         Phase(
             "reset-mid-body",
             n,
             [Fault("reset", BLOB, times=None, probability=p, random_offset=True)],
         ),
-        Phase(
+        with_kill(
             "http-5xx-429+kill-1",
-            n + 4,
             [
                 Fault("status", BLOB, times=None, status=500, probability=p / 2),
                 Fault("status", BLOB, times=None, status=503, probability=p / 2),
                 Fault("status", BLOB, times=None, status=429, retry_after="1", probability=p / 2),
             ],
-            action=run.kill_and_recover,
         ),
         Phase("stall", n, [Fault("stall", BLOB, times=None, delay=plan.stall, probability=p)]),
         Phase(
@@ -585,12 +589,7 @@ def phases(run: Run) -> list[Phase]:
             "corrupt", n, [Fault("corrupt", BLOB, times=None, probability=p, random_offset=True)]
         ),
         Phase("unreachable", plan.unreachable, unreachable=True),
-        Phase(
-            "drop+kill-2",
-            n + 4,
-            [Fault("drop", BLOB, times=None, probability=p)],
-            action=run.kill_and_recover,
-        ),
+        with_kill("drop+kill-2", [Fault("drop", BLOB, times=None, probability=p)]),
     ]
     if not plan.quick:
         seq.append(
@@ -633,6 +632,122 @@ def log_events(text: str, needle: str) -> list[tuple[float, str]]:
     return out
 
 
+SERVER_START = re.compile(r"server-start generation=(\d+) pid=(\d+)")
+SERVER_DEATH = re.compile(r"server pid (\d+) \(generation (\d+)\) died with (signal|status) (\d+)")
+RESTORED = re.compile(r"takeover-restored nodes=\d+ instances=\d+ layers=(\d+)/(\d+) in ([\d.]+)s")
+RESTART_DONE = re.compile(
+    r"restart-done generation=(\d+) pid=(\d+) spawn_to_serving=([\d.]+)s since_loss=([\d.]+)s"
+)
+
+
+def supervisor_events(log: str) -> dict[str, Any]:
+    """The supervisor's lines about its servers: starts, deaths (with the exit code as
+    ``Popen.returncode`` has it: -9 for SIGKILL) and replacements serving again."""
+    deaths = []
+    for t, line in log_events(log, " died with "):
+        if m := SERVER_DEATH.search(line):
+            code = -int(m.group(4)) if m.group(3) == "signal" else int(m.group(4))
+            deaths.append(
+                {"t": t, "pid": int(m.group(1)), "generation": int(m.group(2)), "code": code}
+            )
+    restarts = []
+    for t, line in log_events(log, "restart-done "):
+        if m := RESTART_DONE.search(line):
+            restarts.append(
+                {
+                    "t": t,
+                    "generation": int(m.group(1)),
+                    "pid": int(m.group(2)),
+                    "spawn_to_serving": float(m.group(3)),
+                    "since_loss": float(m.group(4)),
+                }
+            )
+    restored = []
+    for t, line in log_events(log, "takeover-restored "):
+        if m := RESTORED.search(line):
+            restored.append(
+                {
+                    "t": t,
+                    "layers": int(m.group(1)),
+                    "of": int(m.group(2)),
+                    "seconds": float(m.group(3)),
+                }
+            )
+    return {
+        "servers_started": sum(1 for _ in SERVER_START.finditer(log)),
+        "deaths": deaths,
+        "restarts": restarts,
+        "restored": restored,
+    }
+
+
+def kill_report(run: Run, k: Kill, sup: dict[str, Any], done: list[Phase]) -> dict[str, Any]:
+    """Recovery after one kill: the supervisor's restart-done (from the log), each container's
+    first correct read once the new server served, and the longest pause between two correct
+    reads around the kill (next to the longest gap elsewhere in the same phase, for scale)."""
+    death = next((d for d in sup["deaths"] if d["pid"] == k.pid), None)
+    back = next(
+        (e for e in sup["restarts"] if e["generation"] > k.generation and e["t"] >= k.t - 1.0),
+        None,
+    )
+    # the new server holds every request until it has looked the layers up again
+    restored = (
+        None
+        if back is None
+        else next((e for e in sup["restored"] if e["t"] >= back["t"] - 1.0), None)
+    )
+    phase = next((ph for ph in done if ph.name == k.phase), None)
+    per: dict[str, dict[str, float | None]] = {}
+    for name, c in run.collectors.items():
+        oks = sorted(r.t for r in c.reads if r.ok)
+        first = None if back is None else next((t for t in oks if t >= back["t"]), None)
+        pairs = list(itertools.pairwise(oks))
+        pause: float | None = None
+        elsewhere = 0.0
+        if first is not None:
+            around = [b - a for a, b in pairs if b >= k.t and a <= first]
+            pause = max(around, default=None)
+            if phase is not None and phase.started is not None and phase.ended is not None:
+                elsewhere = max(
+                    (
+                        b - a
+                        for a, b in pairs
+                        if a >= phase.started and b <= phase.ended and (b < k.t or a > first)
+                    ),
+                    default=0.0,
+                )
+        per[name] = {
+            "first_correct_read_s": None if first is None else round(first - k.t, 2),
+            "pause_s": None if pause is None else round(pause, 2),
+            "longest_gap_elsewhere_in_phase_s": round(elsewhere, 2),
+        }
+    firsts = [v["first_correct_read_s"] for v in per.values()]
+    pauses = [v["pause_s"] for v in per.values()]
+    recover = None if None in firsts or back is None else max(f or 0.0 for f in firsts)
+    return {
+        "phase": k.phase,
+        "killed_pid": k.pid,
+        "killed_generation": k.generation,
+        "exit_code": None if death is None else death["code"],
+        "new_pid": None if back is None else back["pid"],
+        "new_generation": None if back is None else back["generation"],
+        "restart_done_s": None if back is None else round(back["t"] - k.t, 3),
+        "spawn_to_serving_s": None if back is None else back["spawn_to_serving"],
+        "since_loss_s": None if back is None else back["since_loss"],
+        "status_names_new_server_s": round(k.status_back - k.t, 2) if k.status_back else None,
+        "takeover_restored_s": None if restored is None else round(restored["t"] - k.t, 3),
+        "restore_seconds": None if restored is None else restored["seconds"],
+        "layers_restored": None if restored is None else f"{restored['layers']}/{restored['of']}",
+        "containers": per,
+        "recover_seconds": recover,
+        "longest_pause_s": None if None in pauses else max(x or 0.0 for x in pauses),
+        "longest_gap_elsewhere_in_phase_s": max(
+            (v["longest_gap_elsewhere_in_phase_s"] or 0.0 for v in per.values()), default=0.0
+        ),
+        "recovered": recover is not None and recover <= RECOVERY_BAR,
+    }
+
+
 def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
     """Classify every read; build the summary."""
     plan = run.plan
@@ -643,6 +758,7 @@ def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
     reads.sort(key=lambda r: r.t)
     images = {i.name: i for i in run.images}
     layers_of = {c: {x.digest for x in images[i].layers} for c, i in plan.containers}
+    kill_phases = [ph for ph in done if ph.action is not None]
     for r in reads:
         if r.ok:
             r.verdict = "correct"
@@ -650,9 +766,11 @@ def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
         if r.wrong:
             r.verdict = "wrong"
             continue
-        down = next((o for o in run.outages if o.kill - 0.5 <= r.t <= o.containers_up + 2.0), None)
-        if down is not None:
-            r.verdict, r.why = "unavailable", "als-mount was down (killed)"
+        in_kill = next((ph.name for ph in kill_phases if ph.active_at(r.t)), None)
+        if in_kill is not None:
+            # the server's death must not show: no error explains a failed read here
+            r.verdict, r.why = "unexplained", f"failed in the kill phase {in_kill}"
+            r.in_kill_phase = True
             continue
         if r.errno == "EIO":
             blocking = [
@@ -692,7 +810,7 @@ def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
             "attempted": 0,
             "correct": 0,
             "eio": 0,
-            "unavailable": 0,
+            "failed": 0,
             "unexplained": 0,
             "wrong": 0,
             "fault_hits": ph.hits,
@@ -702,7 +820,7 @@ def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
         b["attempted"] += 1
         b["correct"] += r.verdict == "correct"
         b["eio"] += r.errno == "EIO"
-        b["unavailable"] += r.verdict == "unavailable"
+        b["failed"] += not r.ok
         b["unexplained"] += r.verdict == "unexplained"
         b["wrong"] += r.verdict == "wrong"
     # time to recover: from the end of a fault phase until every container read a file right
@@ -722,26 +840,8 @@ def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
         by_phase[ph.name]["last_failure_after_end"] = (
             None if last_fail is None else round(last_fail - (ph.ended or 0), 2)
         )
-    restarts = []
-    for o in run.outages:
-        after: dict[str, float | None] = {}
-        for name, c in run.collectors.items():
-            t = next((r.t for r in c.reads if r.ok and r.t >= o.containers_up), None)
-            after[name] = None if t is None else round(t - o.kill, 2)
-        restarts.append(
-            {
-                "start_attempts": o.start_attempts,
-                "recreated": o.recreated,
-                "start_errors": o.start_errors[:6],
-                "killed_process_gone_s": round(o.exited - o.kill, 2),
-                "als_back_s": round(o.als_up - o.kill, 2),
-                "containers_restarted_s": round(o.containers_up - o.kill, 2),
-                "first_correct_read_s": after,
-                "recover_seconds": None
-                if None in after.values()
-                else max(v for v in after.values() if v is not None),
-            }
-        )
+    sup = supervisor_events(log)
+    kills = [kill_report(run, k, sup, done) for k in run.kills]
     count: dict[str, int] = {}
     for r in reads:
         count[r.verdict] = count.get(r.verdict, 0) + 1
@@ -757,8 +857,10 @@ def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
     internal = len(re.findall(r"internal error", log, re.IGNORECASE))
     proc = run.mount.proc if run.mount else None
     alive = proc is not None and proc.poll() is None
-    lives = len(run.log_offsets)
-    unplanned = sum(1 for code in run.exits if code != -9) + (0 if alive else 1)
+    induced = {k.pid for k in run.kills}
+    deaths = sup["deaths"]
+    unplanned_deaths = [d for d in deaths if d["pid"] not in induced]
+    unplanned = len(unplanned_deaths) + (0 if alive else 1)
     evictions = len(log_events(log, "cache-evict"))
     hits: dict[str, int] = {}
     records = run.proxy.requests_for("")
@@ -810,14 +912,19 @@ def judge(run: Run, done: list[Phase], final_start: float) -> dict[str, Any]:
             "other_unexplained": sum(
                 1 for r in reads if r.verdict == "unexplained" and r.errno != "EIO"
             ),
-            "unavailable_als_down": count.get("unavailable", 0),
+            "failed_in_kill_phases": sum(1 for r in reads if r.in_kill_phase),
+            "in_kill_phases": sum(
+                1 for r in reads if any(ph.active_at(r.t) for ph in done if ph.action is not None)
+            ),
         },
         "phases": by_phase,
-        "als_restarts": restarts,
+        "server_kills": kills,
         "daemon": {
-            "lives": lives,
-            "induced_kills": len(run.outages),
-            "exit_codes_of_killed": run.exits,
+            "servers_started": sup["servers_started"],
+            "planned_kills": sum(1 for ph in done if ph.action is not None),
+            "induced_kills": len(run.kills),
+            "exit_codes_of_killed": [k["exit_code"] for k in kills],
+            "unplanned_server_deaths": unplanned_deaths,
             "alive_at_end": alive,
             "tracebacks": tracebacks,
             "internal_errors": internal,
@@ -846,23 +953,85 @@ def verdict_lines(s: dict[str, Any], lazy: dict[str, Any]) -> tuple[list[str], b
     if lazy["als_layers_in_podman"] < lazy["layers"]:
         lazy_bad = max(lazy_bad, 1)
     evict_bad = 0 if s["cache"]["evictions"] > 0 else 1
+    kills = s["server_kills"]
+    kills_ok = sum(1 for k in kills if k["recovered"])
+    kills_bad = max(len(kills), d["planned_kills"]) - kills_ok
+    kill_reads_bad = r["failed_in_kill_phases"]
     lines = [
         f"reads: {r['attempted'] - bad_reads} passed, {bad_reads} failed "
         f"(correct {r['correct']}, wrong data {r['wrong']}, EIO explained by a fault "
         f"{r['eio_explained']}, EIO unexplained {r['eio_unexplained']}, other errors "
-        f"{r['other_unexplained']}, unavailable while als was down {r['unavailable_als_down']})",
+        f"{r['other_unexplained']}; failed in the kill phases {kill_reads_bad})",
+        f"reads in the kill phases: {r['in_kill_phases'] - kill_reads_bad} passed, "
+        f"{kill_reads_bad} failed",
         f"wrong data: {r['attempted'] - r['wrong']} passed, {r['wrong']} failed",
+        f"server kills recovered within {RECOVERY_BAR:g} s: {kills_ok} passed, {kills_bad} failed"
+        + "".join(
+            f"; kill {i}: restart-done {fmt_s(k['restart_done_s'], 3)} after it "
+            f"(spawn to serving {fmt_s(k['spawn_to_serving_s'], 3)}), layers "
+            f"{k['layers_restored'] or 'not'} restored {fmt_s(k['takeover_restored_s'], 3)} "
+            f"after it, every container reading "
+            f"correctly {fmt_s(k['recover_seconds'])} after it, longest pause "
+            f"{fmt_s(k['longest_pause_s'])}"
+            for i, k in enumerate(kills, 1)
+        ),
         f"final checksum per container: {final_ok} passed, {final_bad} failed",
         f"daemon health: {max(0, 3 - health_fail)} passed, {health_fail} failed "
         f"(unplanned crashes {d['unplanned_crashes']}, tracebacks {d['tracebacks']}, "
-        f"internal errors {d['internal_errors']}, induced kills {d['induced_kills']})",
+        f"internal errors {d['internal_errors']}, induced server kills {d['induced_kills']})",
         f"lazy pull: {lazy['layers'] - lazy_bad} passed, {lazy_bad} failed "
         f"({lazy['pull_bytes']} of {lazy['blob_bytes']} layer-blob bytes moved by the pull)",
         f"cache eviction seen: {1 - evict_bad} passed, {evict_bad} failed "
         f"({s['cache']['evictions']} evictions)",
     ]
-    ok = bad_reads == 0 and final_bad == 0 and health_fail == 0 and lazy_bad == 0 and evict_bad == 0
+    ok = (
+        bad_reads == 0
+        and kills_bad == 0
+        and final_bad == 0
+        and health_fail == 0
+        and lazy_bad == 0
+        and evict_bad == 0
+    )
     return lines, ok
+
+
+def fmt_s(v: float | None, digits: int = 2) -> str:
+    return "never" if v is None else f"{v:.{digits}f} s"
+
+
+def tables(s: dict[str, Any]) -> list[str]:
+    """The per-phase and per-kill figures as Markdown tables (as in docs/reliability.md)."""
+    out = [
+        "| phase | reads | correct | failed | faults applied | recovered after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, b in s["phases"].items():
+        if name.startswith("quiet") or name in ("warm-up", "final"):
+            continue
+        rec = b.get("recover_seconds")
+        failed = f"{b['failed']}"
+        if b["failed"]:
+            failed += f" ({b['eio']} EIO, {b['unexplained']} unexplained)"
+        out.append(
+            f"| {name} | {b['attempted']} | {b['correct']} | {failed} | {b['fault_hits']} "
+            f"| {'-' if rec is None else f'{rec:g} s'} |"
+        )
+    out += [
+        "",
+        "| kill | phase | server pid (generation) | restart-done after the kill | "
+        "spawn to serving | since loss | every container reading again | "
+        "longest pause | longest gap elsewhere in the phase |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for i, k in enumerate(s["server_kills"], 1):
+        out.append(
+            f"| {i} | {k['phase']} | {k['killed_pid']} ({k['killed_generation']}) -> "
+            f"{k['new_pid']} ({k['new_generation']}) | {fmt_s(k['restart_done_s'], 3)} "
+            f"| {fmt_s(k['spawn_to_serving_s'], 3)} | {fmt_s(k['since_loss_s'], 3)} "
+            f"| {fmt_s(k['recover_seconds'])} | {fmt_s(k['longest_pause_s'])} "
+            f"| {fmt_s(k['longest_gap_elsewhere_in_phase_s'])} |"
+        )
+    return out
 
 
 def execute(plan: Plan, work: Path, seed: int) -> tuple[dict[str, Any], bool]:
@@ -1017,6 +1186,8 @@ def main(argv: list[str] | None = None, write: Callable[[str], object] | None = 
             shutil.rmtree(work, ignore_errors=True)
     summary["seconds"] = round(time.monotonic() - t0, 1)
     for line in summary["lines"]:
+        out(line)
+    for line in tables(summary):
         out(line)
     out(json.dumps(summary, sort_keys=True))
     if args.summary is not None:

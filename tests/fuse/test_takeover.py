@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -96,6 +97,7 @@ class Reader:
     """Reads every file of the layer in a loop and checks it; records errors and pauses."""
 
     diff: Path
+    files: dict[str, bytes] = field(default_factory=lambda: FILES)
     errors: list[str] = field(default_factory=list)
     reads: int = 0
     longest_gap: float = 0.0
@@ -104,7 +106,7 @@ class Reader:
     def run(self) -> None:
         last = time.monotonic()
         while not self.stop.is_set():
-            for name, want in FILES.items():
+            for name, want in self.files.items():
                 try:
                     got = read_uncached(self.diff / name)
                 except OSError as exc:
@@ -297,3 +299,34 @@ def test_a_killed_supervisor_hands_over_through_systemds_store(
             os.close(fd)
         sock.close()
         m.stop()
+
+
+def test_a_restore_waits_only_for_the_layer_a_request_needs(
+    registry: RegistryServer, layer: BuiltLayer, tmp_path: Path
+) -> None:
+    """After a kill, a layer whose records are gone is looked up at the registry again (slow
+    here: its manifest stalls 3 s); readers of another layer go on meanwhile."""
+    other_files = {f"srv/o{i}.bin": noise(f"o{i}", 150_000 + i) for i in range(6)}
+    other = make_layer(dict(other_files), "estargz", chunk_size=64 * 1024)
+    push_image(registry, "takeover/other", "1", [other])
+    with FaultProxy(registry.url) as proxy:
+        m = start(tmp_path, proxy.host)
+        try:
+            slow = m.layer_dir(f"{proxy.host}/takeover/app:1", layer.digest) / "diff"
+            fast = m.layer_dir(f"{proxy.host}/takeover/other:1", other.digest) / "diff"
+            with Reader(slow) as r_slow, Reader(fast, other_files) as r_fast:
+                r_slow.wait_reads(10)
+                r_fast.wait_reads(10)
+                # the slow layer's records are gone: the next server must ask the registry
+                shutil.rmtree(m.root / "cache" / "layers" / layer.digest.split(":")[1])
+                proxy.add(Fault("stall", match=r"/takeover/app/manifests/", times=None, delay=3))
+                r_slow.longest_gap = r_fast.longest_gap = 0.0
+                os.kill(server_pid(m), signal.SIGKILL)
+                r_fast.wait_reads(30)
+                r_slow.wait_reads(10)
+            assert r_slow.errors == [] and r_fast.errors == []
+            assert r_slow.longest_gap >= 2.5, r_slow.longest_gap
+            assert r_fast.longest_gap < 2.0, r_fast.longest_gap
+            assert "layers=2/2" in m.log()
+        finally:
+            m.stop()

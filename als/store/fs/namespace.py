@@ -166,17 +166,21 @@ class Namespace:
         self._next_instance = itertools.count(1)
         self.listings: OrderedDict[tuple[int, int], Listing] = OrderedDict()
         self.journal = journal
+        self._numbering_restored = False
 
     def restore(self, state: JournalState, layers: dict[Key, Layer]) -> tuple[int, int]:
         """Rebuild the nodes and instances of a journal, with the layers resolved for them.
 
         What needs a layer that is missing from ``layers`` is left out (with everything below
-        it): the kernel then gets ENOENT for those inodes. Returns (nodes, instances) restored.
-        Restored entries are pinned; new inodes and instance numbers continue after the
-        journal's.
+        it): the kernel then gets ENOENT for those inodes. Call it again as more layers resolve:
+        what is there already stays. Returns (nodes, instances) restored by this call. Restored
+        entries are pinned; new inodes and instance numbers continue after the journal's.
         """
-        self._next_inode = itertools.count(max(state.max_inode, ROOT_INODE) + 1)
-        self._next_instance = itertools.count(state.max_instance + 1)
+        if not self._numbering_restored:
+            # Only once: by a later call (as more layers resolve) new entries may exist.
+            self._next_inode = itertools.count(max(state.max_inode, ROOT_INODE) + 1)
+            self._next_instance = itertools.count(state.max_instance + 1)
+            self._numbering_restored = True
         nodes = instances = 0
         for rec in sorted(state.nodes.values(), key=lambda r: r.inode):
             parent = self.nodes.get(rec.parent)
@@ -205,6 +209,8 @@ class Namespace:
             parent.children[rec.name] = rec.inode
             nodes += 1
         for irec in sorted(state.instances.values(), key=lambda r: r.number):
+            if irec.number in self.instances:
+                continue
             owner = self.nodes.get(irec.owner)
             key = layer_key(owner) if owner is not None else None
             layer = layers.get(key) if key is not None else None

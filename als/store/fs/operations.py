@@ -82,6 +82,8 @@ def _guard(
         self.requests[name] += 1
         if self.restoring is not None:
             await self.restoring.wait()  # a takeover: the predecessor's inodes come first
+        if self._pending:
+            await self._wait_restored(name, *args[:2])
         try:
             return await fn(self, *args, **kwargs)
         except FUSEError:
@@ -131,6 +133,13 @@ class Operations(pyfuse3.Operations):
         self._on_init = on_init
         #: Set while the nodes of a previous server are being restored (:meth:`restore`).
         self.restoring: trio.Event | None = None
+        # While a takeover's layers resolve: their keys, and which inodes wait for which key.
+        self._pending: dict[tuple[str, str], trio.Event] = {}
+        self._node_keys: dict[int, tuple[str, str]] = {}
+        self._instance_keys: dict[int, tuple[str, str]] = {}
+        self._journal_children: dict[tuple[int, bytes], int] = {}
+        self._journal_instances: dict[tuple[int, bytes], int] = {}
+        self._restored_max_inode = 0
         self.internal_errors = 0
         #: FUSE requests answered, by operation (the status document's ``fuse_requests``).
         self.requests: collections.Counter[str] = collections.Counter()
@@ -159,37 +168,99 @@ class Operations(pyfuse3.Operations):
     async def restore(self, state: JournalState) -> None:
         """Rebuild the store nodes and layer instances a previous server handed the kernel.
 
-        Their layers are looked up again, all at once (from the cache records, normally without
-        the network); requests wait meanwhile. A layer that cannot be looked up leaves its
-        inodes unknown: the kernel gets ENOENT for them and the log says why.
+        Image and annotation directories come back at once. Each layer is looked up again (all
+        at once; from the cache records, or from the registry if they were evicted) and its
+        nodes and tree come back as soon as it resolves: a request waits only for the layer it
+        concerns (requests about the directories above the layers, for all of them). A layer
+        that cannot be looked up leaves its inodes unknown: the kernel gets ENOENT for them and
+        the log says why.
         """
         started = time.monotonic()
         keys = {k for k in map(layer_key, state.nodes.values()) if k is not None}
+        self._pending = {key: trio.Event() for key in keys}
+        for inode, rec in state.nodes.items():
+            self._journal_children[(rec.parent, rec.name)] = inode
+            key = layer_key(rec) if rec.kind != NodeKind.ANN else None
+            if key is not None:
+                self._node_keys[inode] = key
+        for number, irec in state.instances.items():
+            self._journal_instances[(irec.owner, irec.name)] = number
+            owner = state.nodes.get(irec.owner)
+            key = layer_key(owner) if owner is not None else None
+            if key is not None:
+                self._instance_keys[number] = key
+        self._restored_max_inode = state.max_inode
         layers: dict[tuple[str, str], Layer] = {}
+        counts = list(self.ns.restore(state, layers))  # the directories that need no layer
+        if self.restoring is not None:
+            self.restoring.set()
+            self.restoring = None
 
         async def resolve(key: tuple[str, str]) -> None:
             try:
                 layers[key] = await self.manager.lookup(*key)
             except (AlsError, trio.TooSlowError) as exc:
                 log.warning("takeover: layer %s of %s not restored: %s", key[1], key[0], exc)
+            finally:
+                nodes, instances = self.ns.restore(state, layers)
+                counts[0] += nodes
+                counts[1] += instances
+                event = self._pending.pop(key, None)
+                if event is not None:
+                    event.set()
 
         try:
             async with trio.open_nursery() as nursery:
                 for key in keys:
                     nursery.start_soon(resolve, key)
-            nodes, instances = self.ns.restore(state, layers)
-            log.info(
-                "takeover-restored nodes=%d instances=%d layers=%d/%d in %.3fs",
-                nodes,
-                instances,
-                len(layers),
-                len(keys),
-                time.monotonic() - started,
-            )
         finally:
+            for event in self._pending.values():
+                event.set()
+            self._pending = {}
+            self._node_keys, self._instance_keys = {}, {}
+            self._journal_children, self._journal_instances = {}, {}
             if self.restoring is not None:
                 self.restoring.set()
-            self.restoring = None
+                self.restoring = None
+        log.info(
+            "takeover-restored nodes=%d instances=%d layers=%d/%d in %.3fs",
+            counts[0],
+            counts[1],
+            len(layers),
+            len(keys),
+            time.monotonic() - started,
+        )
+
+    async def _wait_restored(self, op: str, target: object = None, name: object = None) -> None:
+        """Wait until what request ``op`` needs is restored: ``target`` is its inode (or file
+        handle, or parent directory), ``name`` the name it looks up there, if any."""
+        if not isinstance(target, int):
+            return
+        if is_layer_inode(target):
+            key = self._instance_keys.get(split_inode(target)[0])
+        elif target > self._restored_max_inode:
+            return  # made by this server
+        else:
+            key = self._node_keys.get(target)
+            if key is None and op in ("lookup", "create", "rmdir") and isinstance(name, bytes):
+                # A name in the root, an image or an annotation directory: wait for what the
+                # journal has under that name, if anything.
+                child = self._journal_children.get((target, name))
+                if child is not None:
+                    key = self._node_keys.get(child)  # None: a directory, restored at once
+                else:
+                    number = self._journal_instances.get((target, name))  # rootfs.<ID>
+                    key = self._instance_keys.get(number) if number is not None else None
+            elif key is None and op == "readdir":
+                # Listing a directory above the layers: what is below may be pending.
+                for pending in list(self._pending.values()):
+                    await pending.wait()
+                return
+            elif key is None:
+                return  # the directory itself is back already
+        event = self._pending.get(key) if key is not None else None
+        if event is not None:
+            await event.wait()
 
     # -- attributes -----------------------------------------------------------------------------
 

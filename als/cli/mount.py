@@ -22,10 +22,10 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
 
 from als import __version__
 from als.errors import AlsError
+from als.logsetup import setup_logging
 from als.paths import DEFAULT_ROOT, POOL_NAME
 from als.store.config import StoreConfig
 from als.store.fs.device import DeviceError
@@ -34,34 +34,6 @@ from als.store.supervisor import Supervisor, mount_unavailable, set_parent_death
 
 # The daemon's logger (as in als.store.daemon): the name is part of every log line.
 log = logging.getLogger("als.daemon")
-
-_JOURNAL_PRIORITY = {
-    logging.DEBUG: 7,
-    logging.INFO: 6,
-    logging.WARNING: 4,
-    logging.ERROR: 3,
-    logging.CRITICAL: 2,
-}
-
-
-class _JournalFormatter(logging.Formatter):
-    """``<N>`` priority prefixes, which journald turns into the message's priority."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        prio = _JOURNAL_PRIORITY.get(record.levelno, 6)
-        return f"<{prio}>{super().format(record)}"
-
-
-def setup_logging(level: str, stream: TextIO | None = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
 def in_mountinfo(path: Path) -> bool:
@@ -104,7 +76,7 @@ def cleanup_stale_mount(pool: Path) -> bool:
 
 
 @contextlib.contextmanager
-def root_lock(root: Path) -> Iterator[None]:
+def root_lock(root: Path) -> Iterator[int]:
     """One als-mount per ROOT: an exclusive flock on ROOT/.als.lock, with our pid in it."""
     path = root / ".als.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -118,7 +90,7 @@ def root_lock(root: Path) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        yield fd
     finally:
         os.close(fd)
 
@@ -260,7 +232,7 @@ def serve_handoff(cfg: StoreConfig, handoff: Handoff) -> int:
     return 0
 
 
-def supervise(cfg: StoreConfig, argv: Sequence[str]) -> int | None:
+def supervise(cfg: StoreConfig, argv: Sequence[str], lock_fd: int) -> int | None:
     """Mount and run servers under a supervisor; None if this host does not let us mount
     ourselves (then the caller serves unsupervised, through libfuse).
 
@@ -285,11 +257,9 @@ def supervise(cfg: StoreConfig, argv: Sequence[str]) -> int | None:
                 return None
             raise
         sup.store_fds()
-    try:
-        return sup.run()
-    finally:
-        sup.close()
-        log.info("unmounted %s", cfg.pool)
+    # The supervisor lives as long as the mount: it goes on in a fresh interpreter that loads
+    # only what it needs (about 7 MB less than this process, which parsed flags and config).
+    sup.exec_lean(lock_fd, cfg.log_level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -311,9 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_handoff(cfg, handoff)
     try:
         cfg.root.mkdir(parents=True, exist_ok=True)
-        with root_lock(cfg.root):
+        with root_lock(cfg.root) as lock_fd:
             if args.supervise:
-                code = supervise(cfg, argv)
+                code = supervise(cfg, argv, lock_fd)
                 if code is not None:
                     return code
             cleanup_stale_mount(cfg.pool)  # before touching .pool: a dead mount fails every call

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import select
@@ -38,6 +39,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from als.store.fs import device, journal
 from als.store.fs.handoff import ENV, Handoff
@@ -70,12 +72,8 @@ def sd_notify(message: str) -> None:
 
 def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
     """Linux prctl(PR_SET_PDEATHSIG): get ``sig`` when the parent dies (servers call this)."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, sig, 0, 0, 0)
+    device.libc().prctl(pr_set_pdeathsig, sig, 0, 0, 0)
 
 
 @dataclass
@@ -182,6 +180,24 @@ class Supervisor:
         return True
 
     @classmethod
+    def from_fds(cls, pool: Path, server_argv: Sequence[str], fds: Mapping[str, int]) -> Supervisor:
+        """A supervisor for a live connection given as descriptors named :data:`FDNAMES`
+        (each checked for what it must be); DeviceError if they are not usable."""
+        if set(fds) != set(FDNAMES):
+            raise device.DeviceError(errno.EBADF, f"need the descriptors {', '.join(FDNAMES)}")
+        sup = cls(pool, server_argv)
+        sup.fuse_fd, sup.init_fd = fds["als-fuse"], fds["als-init"]
+        sup.journal_fd, sup.underlay_fd = fds["als-journal"], fds["als-underlay"]
+        for fd in fds.values():
+            os.set_inheritable(fd, False)
+        kinds = {"als-fuse": stat.S_ISCHR, "als-underlay": stat.S_ISDIR}
+        for name, fd in fds.items():
+            if not kinds.get(name, stat.S_ISREG)(os.fstat(fd).st_mode):
+                raise device.DeviceError(errno.EBADF, f"{name} is not what it should be")
+        sup.init = device.InitRequest.parse(journal.read_all(sup.init_fd))
+        return sup
+
+    @classmethod
     def adopt(
         cls,
         pool: Path,
@@ -202,26 +218,15 @@ class Supervisor:
             return None
         names = environ.get("LISTEN_FDNAMES", "").split(":")
         got = {name: 3 + i for i, name in enumerate(names[:count]) if name in FDNAMES}
-        if set(got) != set(FDNAMES):
-            for fd in got.values():
-                os.close(fd)
-            return None
-        sup = cls(pool, server_argv)
-        sup.fuse_fd, sup.init_fd = got["als-fuse"], got["als-init"]
-        sup.journal_fd, sup.underlay_fd = got["als-journal"], got["als-underlay"]
-        for fd in got.values():
-            os.set_inheritable(fd, False)
-        sup._stored = True
-        kinds = {"als-fuse": stat.S_ISCHR, "als-underlay": stat.S_ISDIR}
         try:
-            for name, fd in got.items():
-                if not kinds.get(name, stat.S_ISREG)(os.fstat(fd).st_mode):
-                    raise device.DeviceError(errno.EBADF, f"{name} is not what it should be")
-            sup.init = device.InitRequest.parse(journal.read_all(sup.init_fd))
+            sup = cls.from_fds(pool, server_argv, got)
         except OSError as exc:
             log.warning("systemd handed back an unusable FUSE connection (%s): mounting anew", exc)
-            sup.close()
+            for fd in got.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             return None
+        sup._stored = True
         if not mounted(pool):
             log.warning("systemd handed back a FUSE connection whose mount is gone: mounting anew")
             sup.close()
@@ -230,6 +235,40 @@ class Supervisor:
         sup.generation, sup._first = 1, 2
         log.info("took over the FUSE connection of %s from systemd's store", pool)
         return sup
+
+    def exec_lean(self, lock_fd: int, log_level: str) -> NoReturn:
+        """Go on as ``python -m als.store.supervisor`` (this process, a fresh interpreter that
+        loads only this module and what it needs), keeping the descriptors and the root lock."""
+        assert self.init is not None
+        if self.init_fd < 0:
+            self.init_fd = os.memfd_create("als-init", os.MFD_CLOEXEC)
+            os.pwrite(self.init_fd, self.init.raw, 0)
+        fds = dict(
+            zip(
+                FDNAMES,
+                (self.fuse_fd, self.init_fd, self.journal_fd, self.underlay_fd),
+                strict=True,
+            )
+        )
+        for fd in (*fds.values(), lock_fd):
+            os.set_inheritable(fd, True)
+        state = {
+            "pool": str(self.pool),
+            "argv": list(self.server_argv),
+            "fds": fds,
+            "lock": lock_fd,
+            "log_level": log_level,
+            "generation": self.generation,
+            "first": self._first,
+            "stored": self._stored,
+        }
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # No shell: the interpreter itself, with our state as one argument.
+        os.execv(  # noqa: S606
+            sys.executable, [sys.executable, "-m", "als.store.supervisor", json.dumps(state)]
+        )
 
     # -- servers ----------------------------------------------------------------------------------
 
@@ -490,3 +529,31 @@ def mount_unavailable(exc: OSError) -> bool:
     """Whether mounting failed for want of privilege (then als-mount serves unsupervised, as
     libfuse and fusermount3 allow) rather than for a real fault."""
     return exc.errno in (errno.EPERM, errno.EACCES)
+
+
+def main(argv: Sequence[str]) -> int:
+    """The lean supervisor (see :meth:`Supervisor.exec_lean`): one JSON argument, its state."""
+    from als.logsetup import setup_logging
+
+    state = json.loads(argv[0])
+    setup_logging(state["log_level"])
+    fds = {str(k): int(v) for k, v in state["fds"].items()}
+    pool = Path(state["pool"])
+    try:
+        sup = Supervisor.from_fds(pool, [str(a) for a in state["argv"]], fds)
+    except OSError as exc:
+        log.error("cannot take the FUSE connection over: %s", exc)
+        with contextlib.suppress(OSError):
+            device.unmount(pool)
+        return 1
+    os.set_inheritable(int(state["lock"]), False)  # held, not handed to servers
+    sup.generation, sup._first, sup._stored = state["generation"], state["first"], state["stored"]
+    try:
+        return sup.run()
+    finally:
+        sup.close()
+        log.info("unmounted %s", pool)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -169,6 +169,12 @@ def test_the_supervisor_stays_small() -> None:
         t for t in tops if t.startswith("__editable__")
     }, tops
     assert not {m for m in out if m.startswith(("als.formats", "als.registry", "als.convert"))}
+    # What it execs into once mounted loads even less: no flags, no config, no CLI.
+    code = "import sys, als.store.supervisor, als.logsetup; print(' '.join(sorted(sys.modules)))"
+    lean = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PKG.parent
+    ).stdout.split()
+    assert not {"argparse", "tomllib", "ctypes.util", "als.cli", "als.store.config"} & set(lean)
 
 
 def daemon_imports() -> set[str]:

@@ -12,7 +12,6 @@ Layouts are from the kernel's ``include/uapi/linux/fuse.h`` (protocol 7.40+ for 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import select
@@ -98,9 +97,14 @@ class MountOptions:
         return ",".join(opts)
 
 
-def _libc() -> ctypes.CDLL:
-    name = ctypes.util.find_library("c") or "libc.so.6"
-    return ctypes.CDLL(name, use_errno=True)
+def libc() -> ctypes.CDLL:
+    """The C library (glibc's soname first: ctypes.util's search costs the supervisor ~1 MB)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
 
 
 def open_device() -> int:
@@ -115,8 +119,8 @@ def mount(fd: int, mountpoint: Path, options: MountOptions) -> None:
     """mount(2) the connection of ``fd`` at ``mountpoint`` (root, or root of a user namespace
     that owns the mount namespace; others need fusermount3, which this does not do)."""
     root_mode = os.stat(mountpoint).st_mode
-    libc = _libc()
-    res = libc.mount(
+    lib = libc()
+    res = lib.mount(
         options.fsname.encode(),
         os.fsencode(mountpoint),
         f"fuse.{options.subtype}".encode(),
@@ -130,8 +134,8 @@ def mount(fd: int, mountpoint: Path, options: MountOptions) -> None:
 
 def unmount(mountpoint: Path) -> None:
     """Detach the mount (what libfuse's unmount does as root); running users keep theirs."""
-    libc = _libc()
-    if libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
+    lib = libc()
+    if lib.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
             raise DeviceError(err, f"cannot unmount {mountpoint}: {os.strerror(err)}")

@@ -266,9 +266,10 @@ class Supervisor:
         sys.stdout.flush()
         sys.stderr.flush()
         # No shell: the interpreter itself, with our state as one argument.
-        os.execv(  # noqa: S606
-            sys.executable, [sys.executable, "-m", "als.store.supervisor", json.dumps(state)]
-        )
+        # The trailing words are for ps and pgrep only ("als-mount ROOT", as before the exec).
+        argv = [sys.executable, "-m", "als.store.supervisor", json.dumps(state), "--"]
+        argv += ["als-mount", str(self.pool.parent)]
+        os.execv(sys.executable, argv)  # noqa: S606
 
     # -- servers ----------------------------------------------------------------------------------
 

@@ -43,31 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_perf import Output, make_row, markdown, rss_mb
 
 from tests.support.layers import make_layer, noise
-from tests.support.mount import ALS_MOUNT, ProcessMount
+from tests.support.mount import ALS_MOUNT, ProcessMount, server_generation, store_status
 from tests.support.podman import write_registries_conf
 from tests.support.registry import RegistryServer, push_image
 
 NAME = "bench_takeover"
 TARGETS = {("*", "*", "takeover.kill.spawn_to_serving"): ("<=", 2.0, "<= 2 s (issue 15)")}
 FILES = {f"lib/m{i:03d}.bin": noise(f"m{i}", 20_000 + 97 * i) for i in range(300)}
-
-
-def status(root: Path) -> dict[str, object]:
-    p = subprocess.run(
-        [*ALS_MOUNT[:-1], "als", "status", str(root), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    doc = json.loads(p.stdout) if p.returncode == 0 else {}
-    assert isinstance(doc, dict)
-    return doc
-
-
-def generation(root: Path) -> int:
-    server = status(root).get("server")
-    return int(server["generation"]) if isinstance(server, dict) else 0
 
 
 class Readers:
@@ -157,15 +139,15 @@ def wait_for(cond: object, limit: float = 120) -> None:
 
 
 def measure(m: ProcessMount, readers: Readers, kind: str, out: list[dict[str, float]]) -> None:
-    before = generation(m.root)
+    before = server_generation(m.root)
     log_from = len(m.log())
     readers.reset_gap()
     t0 = time.monotonic()
     if kind == "kill":
-        os.kill(int(str(status(m.root)["pid"])), signal.SIGKILL)
+        os.kill(int(str(store_status(m.root)["pid"])), signal.SIGKILL)
     else:
         subprocess.run([*ALS_MOUNT, str(m.root), "--takeover"], check=True, capture_output=True)
-    wait_for(lambda: generation(m.root) > before)
+    wait_for(lambda: server_generation(m.root) > before)
     took = time.monotonic() - t0
     r0 = readers.reads
     wait_for(lambda: readers.reads >= r0 + 20)
@@ -220,7 +202,7 @@ def main() -> int:
                                 measure(m, readers, kind, events[kind])
                                 out.say(f"{cond} {kind}: {events[kind][-1]}")
                         sup_rss = rss_mb(m.proc.pid) if m.proc else 0.0
-                        server_rss = rss_mb(int(str(status(m.root)["pid"])))
+                        server_rss = rss_mb(int(str(store_status(m.root)["pid"])))
                     if readers.errors:
                         raise AssertionError(f"failed reads: {readers.errors[:5]}")
                     emit(out, cond, events, readers.reads, sup_rss, server_rss)

@@ -9,7 +9,6 @@ host's page cache is dropped every second, so the container's reads keep reachin
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -19,40 +18,20 @@ from pathlib import Path
 from tests.e2e.test_podman_cache import tail, write_config
 from tests.e2e.test_podman_native import CHECK, TOP, base_spec, expected_sums
 from tests.support.layers import FileSpec, make_layer
-from tests.support.mount import ALS_MOUNT, ProcessMount, force_unmount, wait_until
+from tests.support.mount import (
+    ALS_MOUNT,
+    ProcessMount,
+    force_unmount,
+    server_generation,
+    store_status,
+    wait_until,
+)
 from tests.support.podman import RUN_FLAGS, Podman, e2e_marks
 from tests.support.registry import RegistryServer, push_image
 
 pytestmark = e2e_marks()
 
 EXTRA_APPLETS = ["cut", "wc", "echo", "true"]
-
-
-def status(root: Path) -> dict[str, object]:
-    p = subprocess.run(
-        [*ALS_MOUNT[:-1], "als", "status", str(root), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    doc = json.loads(p.stdout) if p.returncode == 0 else {}
-    assert isinstance(doc, dict)
-    return doc
-
-
-def server(root: Path) -> dict[str, object]:
-    p = subprocess.run(
-        [*ALS_MOUNT[:-1], "als", "status", str(root), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if p.returncode != 0:
-        return {}
-    doc = json.loads(p.stdout)
-    return {"pid": doc["pid"], **doc.get("server", {})}
 
 
 def test_a_running_container_reads_through_kills_and_an_upgrade(
@@ -93,7 +72,7 @@ def test_a_running_container_reads_through_kills_and_an_upgrade(
         wait_until(lambda: len(rounds(name)) >= target, 120)
 
     def wait_newer(generation: int) -> None:
-        wait_until(lambda: int(str(server(root).get("generation", 0))) > generation, 60)
+        wait_until(lambda: server_generation(root) > generation, 60)
 
     drops = threading.Thread(target=dropper, daemon=True)
     try:
@@ -105,9 +84,9 @@ def test_a_running_container_reads_through_kills_and_an_upgrade(
         wait_rounds(name, 3)
         events = []
         for step in ("kill", "kill", "takeover"):
-            before = server(root)
+            before = store_status(root)
             if step == "kill":
-                os.kill(int(str(before["pid"])), signal.SIGKILL)
+                os.kill(int(before["pid"]), signal.SIGKILL)
             else:
                 p = subprocess.run(
                     [*ALS_MOUNT, str(root), "--takeover"],
@@ -117,18 +96,18 @@ def test_a_running_container_reads_through_kills_and_an_upgrade(
                     check=False,
                 )
                 assert p.returncode == 0, p.stderr + tail(m)
-            wait_newer(int(str(before["generation"])))
-            events.append((step, server(root)))
+            wait_newer(int(before["server"]["generation"]))
+            events.append((step, server_generation(root)))
             wait_rounds(name, 4)
             # the rounds after the switch were read through the new server
-            reads = status(root).get("fuse_requests", {})
+            reads = store_status(root).get("fuse_requests", {})
             assert isinstance(reads, dict) and reads.get("read", 0) > 0, reads
         stop.set()
         lines = rounds(name)
         bad = [line for line in lines if line != f"R 0 {want} 0"]
         assert not bad, (bad[:5], tail(m))
         assert len(lines) >= 12
-        assert [e[1]["generation"] for e in events] == [2, 3, 4], events
+        assert [e[1] for e in events] == [2, 3, 4], events
         # still the same container, never restarted, still on the FUSE mount
         assert pm("inspect", "-f", "{{.RestartCount}} {{.State.Status}}", name).stdout.split() == [
             "0",

@@ -7,7 +7,6 @@ reaches the server rather than the kernel's page cache.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,7 +21,7 @@ import pytest
 
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.layers import BuiltLayer, make_layer, noise
-from tests.support.mount import ALS_MOUNT, ProcessMount, needs_fuse, wait_until
+from tests.support.mount import ALS_MOUNT, ProcessMount, needs_fuse, store_status, wait_until
 from tests.support.podman import write_registries_conf
 from tests.support.registry import RegistryServer, push_image, registry_available
 
@@ -61,23 +60,8 @@ def start(
     ).start()
 
 
-def status(m: ProcessMount) -> dict[str, object]:
-    p = subprocess.run(
-        [*ALS_MOUNT[:-1], "als", "status", str(m.root), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if p.returncode != 0:
-        return {}  # between two servers
-    doc = json.loads(p.stdout)
-    assert isinstance(doc, dict)
-    return doc
-
-
 def server_pid(m: ProcessMount) -> int:
-    return int(str(status(m).get("pid", -1)))
+    return int(store_status(m.root).get("pid", -1))
 
 
 def read_uncached(path: Path) -> bytes:
@@ -151,7 +135,7 @@ def test_a_reader_keeps_reading_through_kills_of_the_server(
         assert reader.errors == []
         log = m.log()
         assert log.count("restart-done generation=") == 2
-        assert status(m)["server"] == {"generation": 3, "supervisor_pid": m.proc.pid}  # type: ignore[union-attr]
+        assert store_status(m.root)["server"] == {"generation": 3, "supervisor_pid": m.proc.pid}  # type: ignore[union-attr]
         # The same inodes, served by the third server: the layer directory is known to it.
         assert "takeover-restored" in log
         assert reader.longest_gap < 10, reader.longest_gap
@@ -282,7 +266,7 @@ def test_a_killed_supervisor_hands_over_through_systemds_store(
             reader.wait_reads(30)
         assert reader.errors == [], reader.errors[:5]
         assert "stale mount" not in m.log()
-        assert status(m)["server"] == {"generation": 2, "supervisor_pid": m2.pid}
+        assert store_status(m.root)["server"] == {"generation": 2, "supervisor_pid": m2.pid}
         m2.terminate()
         assert m2.wait(30) == 0
         removed: set[str] = set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -182,6 +183,29 @@ class ProcessMount:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def store_status(root: Path) -> dict[str, Any]:
+    """``als status ROOT --json`` of a running store; {} while none answers (e.g. between two
+    servers of a supervisor)."""
+    p = subprocess.run(
+        [sys.executable, "-m", "als", "status", str(root), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if p.returncode != 0:
+        return {}
+    doc = json.loads(p.stdout)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def server_generation(root: Path) -> int:
+    """The generation of the server now serving ``root`` (0 if none answers)."""
+    server = store_status(root).get("server")
+    return int(server["generation"]) if isinstance(server, dict) else 0
 
 
 def wait_until(cond: Callable[[], bool], limit: float = 30.0) -> None:

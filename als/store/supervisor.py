@@ -417,10 +417,12 @@ class Supervisor:
                 )
             now = time.monotonic()
             self._lost_at = now
-            # A crash loop (a server that dies right after its start, again and again) backs
-            # off; a server killed now and then is replaced at once.
+            # A crash loop (a server that fails before it serves, or fails soon after, again
+            # and again) backs off; a server that served and was killed (kill -9, the OOM
+            # killer) is replaced at once, however often.
             self._deaths = [t for t in self._deaths if now - t < 60]
-            if now - server.started < QUICK_DEATH:
+            killed = code == -signal.SIGKILL and server.state == "serving"
+            if not killed and (server.state != "serving" or now - server.started < QUICK_DEATH):
                 self._deaths.append(now)
             delay = 0.0
             if len(self._deaths) > 2:

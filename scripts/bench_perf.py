@@ -58,6 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_workloads import LAZY_VARIANTS, Workload, cache_root, large, small
 
+from als.store.config import StoreConfig
+
 NAME = "bench_perf"
 GB = 1e9
 MB = 1e6
@@ -892,6 +894,9 @@ def bench_memory(env: Env, w: Workload, variant: str, out: Output) -> None:
             tree = Path(als.pool) / b64(ref_of(env, w, variant)) / layer.digest / "diff"
             sh(READ_ALL, tree)
         read = rss_mb(server)
+        # At rest: the memory cache is emptied after memory_release_s without reads.
+        time.sleep(StoreConfig().memory_release_s + 1.5)
+        rest = rss_mb(server)
     finally:
         env.drop_als(als)
     n = sum(w.entries)
@@ -938,6 +943,17 @@ def bench_memory(env: Env, w: Workload, variant: str, out: Output) -> None:
             read,
             "MB",
             note="after reading every file (memory cache included)",
+        )
+    )
+    out.add(
+        make_row(
+            "memory",
+            w.name,
+            variant,
+            "memory.rss_rest",
+            rest,
+            "MB",
+            note="then at rest: the memory cache emptied after memory_release_s",
         )
     )
     out.add(

@@ -38,8 +38,10 @@ class StoreConfig:
     net_threads: int = 8
     cpu_threads: int = 2
     disk_threads: int = 4
-    # Bytes of decompressed, verified chunks kept in memory.
-    memory_cache_mb: int = 8
+    # Bytes of decompressed, verified chunks kept in memory while reads go on; emptied (and the
+    # memory given back) after memory_release_s seconds without chunk traffic (0: never).
+    memory_cache_mb: int = 32
+    memory_release_s: float = 10.0
     # The disk cache (docs/cache.md): default ROOT/cache; 0 MiB means no limit.
     cache_dir: str | None = None
     cache_limit_mb: int = 10240

@@ -52,8 +52,12 @@ class LayerManager:
         self.scheduler = scheduler or Scheduler(
             cfg.net_threads, cfg.cpu_threads, cfg.disk_threads, cfg.background_concurrency
         )
-        # Gives the allocator's free pages back after bursts of chunk traffic (while run()).
-        self.trimmer = MemoryTrimmer()
+        # Gives the allocator's free pages back after bursts of chunk traffic, and empties the
+        # memory cache once reads have stopped for memory_release_s (while run()).
+        self.trimmer = MemoryTrimmer(
+            release=lambda: self.ctx.memory.clear(),  # noqa: PLW0108 - ctx is made below
+            idle=cfg.memory_release_s,
+        )
         self.ctx = ctx = StoreContext(
             cfg=cfg,
             source=source,

@@ -48,3 +48,10 @@ class ChunkCache:
             _, evicted = self._data.popitem(last=False)
             self.bytes -= len(evicted)
         return True
+
+    def clear(self) -> int:
+        """Drop every chunk; the bytes that were held."""
+        held = self.bytes
+        self._data.clear()
+        self.bytes = 0
+        return held

@@ -69,12 +69,19 @@ class MemoryTrimmer:
         *,
         every: int = TRIM_EVERY,
         quiet: float = TRIM_QUIET,
+        release: Callable[[], object] | None = None,
+        idle: float = 0.0,
         in_thread: Callable[[Callable[[], object]], Awaitable[object]] = trio.to_thread.run_sync,
     ) -> None:
         self._trim = trim
         self._in_thread = in_thread
         self.every = every
         self.quiet = quiet
+        # After ``idle`` seconds without chunk traffic (0: never), ``release`` (empty the
+        # memory cache) and trim: a store at rest holds no decoded chunks.
+        self._release = release
+        self.idle = idle
+        self.releases = 0
         self.pending = 0  # bytes noted since the last trim
         self.trims = 0
         self.seconds = 0.0  # spent trimming, in all
@@ -89,16 +96,32 @@ class MemoryTrimmer:
             self._full.set()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Trim after each ``every`` bytes noted and at the end of each burst, until cancelled."""
+        """Trim after each ``every`` bytes noted and at the end of each burst, and release
+        after ``idle`` quiet seconds, until cancelled."""
         task_status.started()
         while True:
-            await self._noted.wait()
+            if self._release is not None and self.idle > 0:
+                with trio.move_on_after(self.idle) as waited:
+                    await self._noted.wait()
+                if waited.cancelled_caught:
+                    await self.release_now()
+                    await self._noted.wait()
+            else:
+                await self._noted.wait()
             self._noted = trio.Event()
             with trio.move_on_after(self.quiet):
                 await self._full.wait()
             if not self._full.is_set() and self._noted.is_set():
                 continue  # still reading, and not much yet: wait for more or for quiet
             await self.trim_now()
+
+    async def release_now(self) -> None:
+        """Empty the memory cache (``release``) and trim."""
+        if self._release is not None:
+            self._release()
+            self.releases += 1
+            log.debug("memory-release releases=%d", self.releases)
+        await self.trim_now()
 
     async def trim_now(self) -> None:
         """Trim once, in a worker thread."""

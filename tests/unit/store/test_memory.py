@@ -127,3 +127,31 @@ async def test_the_manager_counts_chunk_traffic_for_its_trimmer() -> None:
     assert m.trimmer.pending == len(data)  # four different chunks, each noted once
     assert await lay.read(f, 0, len(data)) == data
     assert m.trimmer.pending == len(data)  # memory cache hits are no traffic
+
+
+async def test_the_memory_cache_is_emptied_when_reads_stop(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A burst keeps its chunks while it goes on; after ``idle`` quiet seconds the cache is
+    emptied and trimmed (a store at rest holds no decoded chunks); new reads fill it again."""
+    trim = CountingTrim()
+    cache = ChunkCache(1 << 20)
+    t = MemoryTrimmer(trim, every=1 << 30, release=cache.clear, idle=10.0, in_thread=inline)
+    cache.on_put = t.note
+    async with trio.open_nursery() as n:
+        await n.start(t.run)
+        cache.put("a", b"x" * 1000)
+        await trio.sleep(5)  # the end of the burst: trimmed, chunks kept
+        assert (trim.calls, t.releases, cache.bytes) == (1, 0, 1000)
+        cache.put("b", b"y" * 1000)  # still reading 5 s later: kept
+        await trio.sleep(9)
+        assert (t.releases, cache.bytes) == (0, 2000)
+        await trio.sleep(2)  # 10 s without a read
+        assert (t.releases, cache.bytes) == (1, 0)
+        assert trim.calls == 3
+        await trio.sleep(60)  # at rest: nothing more to do
+        assert (t.releases, trim.calls) == (1, 3)
+        cache.put("c", b"z" * 1000)
+        await trio.sleep(1)
+        assert cache.bytes == 1000 and trim.calls == 4
+        n.cancel_scope.cancel()

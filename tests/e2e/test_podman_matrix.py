@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
+import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +25,13 @@ import pytest
 from als.oci import OCI_MANIFEST, toc_digest_of
 from tests.e2e.test_podman import CMD, UPPER, base_spec
 from tests.support.layers import BuiltLayer, make_layer
-from tests.support.mount import ProcessMount
+from tests.support.mount import (
+    ALS_MOUNT,
+    ProcessMount,
+    server_generation,
+    store_status,
+    wait_until,
+)
 from tests.support.podman import e2e_marks
 from tests.support.registry import RegistryServer, push_image
 from tests.support.trixie import TrixiePodman, Unavailable, shared_dir, trixie_podman, trixie_root
@@ -268,3 +278,66 @@ def test_zstd_chunked_pushed_by_podman_itself(
         assert f"layer-ready ref={dst} digest={toc} format=zstd-chunked" in log
         assert registry.blob_bytes_sent(layer["digest"], since=mark) < layer["size"]
     pm("rmi", "-f", dst)
+
+
+def test_a_running_container_reads_through_a_kill_and_a_takeover(
+    root: Path, registry: RegistryServer, regconf: Path, tmp_path: Path
+) -> None:
+    """Issue 15 with podman 5.4: a running container keeps reading its files correctly through
+    a kill -9 of the store's server and an upgrade handover, and is never restarted."""
+    layers = lazy_layers("estargz")
+    push_image(registry, "m54/takeover", "1", layers)
+    ref = f"{registry.host}/m54/takeover:1"
+    name = "m54-takeover"
+    loop = (
+        "trap 'exit 0' TERM; while true; do "
+        'if [ "$(cat /etc/motd)" = "upper motd" ] && [ "$(cat /opt/keep/new.txt)" = new ]; '
+        "then echo OK; else echo BAD; fi; sleep 0.2; done"
+    )
+    stop = threading.Event()
+
+    def dropper() -> None:  # so that the container's reads keep reaching the store
+        while not stop.wait(1.0):
+            Path("/proc/sys/vm/drop_caches").write_text("1\n")
+
+    with shared_dir(tmp_path / "als") as als_root:
+        m = ProcessMount(als_root, "--registries-conf", str(regconf), *ALS_ARGS).start()
+        drops = threading.Thread(target=dropper, daemon=True)
+        try:
+            with trixie_podman(root, tmp_path / "pm", als_root, regconf) as p:
+
+                def lines() -> list[str]:
+                    return p("logs", name).stdout.split()
+
+                def more(n: int) -> None:
+                    target = len(lines()) + n
+                    wait_until(lambda: len(lines()) >= target, 60)
+
+                p("pull", "--tls-verify=false", ref)
+                p("run", "-d", "--name", name, "--network=none", ref, "sh", "-c", loop)
+                drops.start()
+                more(5)
+                os.kill(int(store_status(als_root)["pid"]), signal.SIGKILL)
+                wait_until(lambda: server_generation(als_root) == 2, 60)
+                more(5)
+                takeover = subprocess.run(
+                    [*ALS_MOUNT, str(als_root), "--takeover"],
+                    capture_output=True,
+                    text=True,
+                    timeout=180,
+                    check=False,
+                )
+                assert takeover.returncode == 0, takeover.stderr
+                assert server_generation(als_root) == 3
+                more(5)
+                stop.set()
+                seen = lines()
+                assert seen and set(seen) == {"OK"}, seen
+                state = p("inspect", "-f", "{{.RestartCount}} {{.State.Status}}", name)
+                assert state.stdout.split() == ["0", "running"]
+                reads = store_status(als_root).get("fuse_requests", {})
+                assert reads.get("read", 0) > 0, reads  # the last server served reads
+                p("rm", "-f", "-t", "0", name)
+        finally:
+            stop.set()
+            m.stop()

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_perf import Output, make_row, markdown, rss_mb
 
 from tests.support.layers import make_layer, noise
-from tests.support.mount import ALS_MOUNT, ProcessMount, server_generation, store_status
+from tests.support.mount import ProcessMount, server_generation, store_status, takeover
 from tests.support.podman import write_registries_conf
 from tests.support.registry import RegistryServer, push_image
 
@@ -146,7 +146,9 @@ def measure(m: ProcessMount, readers: Readers, kind: str, out: list[dict[str, fl
     if kind == "kill":
         os.kill(int(str(store_status(m.root)["pid"])), signal.SIGKILL)
     else:
-        subprocess.run([*ALS_MOUNT, str(m.root), "--takeover"], check=True, capture_output=True)
+        done = takeover(m.root)
+        if done.returncode != 0:
+            raise RuntimeError(f"als-mount --takeover failed: {done.stderr}")
     wait_for(lambda: server_generation(m.root) > before)
     took = time.monotonic() - t0
     r0 = readers.reads

@@ -12,7 +12,6 @@ import base64
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 import urllib.request
@@ -26,10 +25,10 @@ from als.oci import OCI_MANIFEST, toc_digest_of
 from tests.e2e.test_podman import CMD, UPPER, base_spec
 from tests.support.layers import BuiltLayer, make_layer
 from tests.support.mount import (
-    ALS_MOUNT,
     ProcessMount,
     server_generation,
     store_status,
+    takeover,
     wait_until,
 )
 from tests.support.podman import e2e_marks
@@ -320,14 +319,8 @@ def test_a_running_container_reads_through_a_kill_and_a_takeover(
                 os.kill(int(store_status(als_root)["pid"]), signal.SIGKILL)
                 wait_until(lambda: server_generation(als_root) == 2, 60)
                 more(5)
-                takeover = subprocess.run(
-                    [*ALS_MOUNT, str(als_root), "--takeover"],
-                    capture_output=True,
-                    text=True,
-                    timeout=180,
-                    check=False,
-                )
-                assert takeover.returncode == 0, takeover.stderr
+                handed = takeover(als_root)
+                assert handed.returncode == 0, handed.stderr
                 assert server_generation(als_root) == 3
                 more(5)
                 stop.set()

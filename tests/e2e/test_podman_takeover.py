@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
 import threading
 from pathlib import Path
 
@@ -19,11 +18,11 @@ from tests.e2e.test_podman_cache import tail, write_config
 from tests.e2e.test_podman_native import CHECK, TOP, base_spec, expected_sums
 from tests.support.layers import FileSpec, make_layer
 from tests.support.mount import (
-    ALS_MOUNT,
     ProcessMount,
     force_unmount,
     server_generation,
     store_status,
+    takeover,
     wait_until,
 )
 from tests.support.podman import RUN_FLAGS, Podman, e2e_marks
@@ -88,13 +87,7 @@ def test_a_running_container_reads_through_kills_and_an_upgrade(
             if step == "kill":
                 os.kill(int(before["pid"]), signal.SIGKILL)
             else:
-                p = subprocess.run(
-                    [*ALS_MOUNT, str(root), "--takeover"],
-                    capture_output=True,
-                    text=True,
-                    timeout=180,
-                    check=False,
-                )
+                p = takeover(root)
                 assert p.returncode == 0, p.stderr + tail(m)
             wait_newer(int(before["server"]["generation"]))
             events.append((step, server_generation(root)))

@@ -21,7 +21,14 @@ import pytest
 
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.layers import BuiltLayer, make_layer, noise
-from tests.support.mount import ALS_MOUNT, ProcessMount, needs_fuse, store_status, wait_until
+from tests.support.mount import (
+    ALS_MOUNT,
+    ProcessMount,
+    needs_fuse,
+    store_status,
+    takeover,
+    wait_until,
+)
 from tests.support.podman import write_registries_conf
 from tests.support.registry import RegistryServer, push_image, registry_available
 
@@ -152,13 +159,7 @@ def test_a_takeover_hands_over_without_a_failed_read(
         old = server_pid(m)
         with Reader(diff) as reader:
             reader.wait_reads(20)
-            p = subprocess.run(
-                [*ALS_MOUNT, str(m.root), "--takeover"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
+            p = takeover(m.root)
             assert p.returncode == 0, p.stderr
             assert "server generation 2" in p.stdout
             reader.wait_reads(30)

@@ -202,6 +202,17 @@ def store_status(root: Path) -> dict[str, Any]:
     return doc
 
 
+def takeover(root: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """``als-mount ROOT --takeover``: hand the store over to a new server (an upgrade)."""
+    return subprocess.run(
+        [*ALS_MOUNT, str(root), "--takeover"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def server_generation(root: Path) -> int:
     """The generation of the server now serving ``root`` (0 if none answers)."""
     server = store_status(root).get("server")

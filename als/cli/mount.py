@@ -14,6 +14,7 @@ import errno
 import faulthandler
 import fcntl
 import functools
+import json
 import logging
 import os
 import signal
@@ -30,7 +31,12 @@ from als.paths import DEFAULT_ROOT, POOL_NAME
 from als.store.config import StoreConfig
 from als.store.fs.device import DeviceError
 from als.store.fs.handoff import Handoff
-from als.store.supervisor import Supervisor, mount_unavailable, set_parent_death_signal
+from als.store.supervisor import (
+    TAKEOVER_FILE,
+    Supervisor,
+    mount_unavailable,
+    set_parent_death_signal,
+)
 
 # The daemon's logger (as in als.store.daemon): the name is part of every log line.
 log = logging.getLogger("als.daemon")
@@ -198,10 +204,15 @@ def takeover(root: Path, timeout: float = 120.0) -> int:
             file=sys.stderr,
         )
         return 1
+    asked = time.time()
     os.kill(pid, signal.SIGHUP)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
+        failure = _takeover_failure(root, asked)
+        if failure:
+            print(f"als-mount: error: takeover failed: {failure}", file=sys.stderr)
+            return 1
         try:
             server = fetch_status(root).get("server")
         except StatusError:
@@ -211,6 +222,17 @@ def takeover(root: Path, timeout: float = 120.0) -> int:
             return 0
     print(f"als-mount: error: no new server at {root} after {timeout:.0f}s", file=sys.stderr)
     return 1
+
+
+def _takeover_failure(root: Path, since: float) -> str | None:
+    """Why the supervisor's last takeover failed, if it failed after ``since``."""
+    try:
+        doc = json.loads((root / TAKEOVER_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if isinstance(doc, dict) and doc.get("result") == "failed" and doc.get("time", 0) >= since:
+        return str(doc.get("detail") or "see the store's log")
+    return None
 
 
 def serve_handoff(cfg: StoreConfig, handoff: Handoff) -> int:

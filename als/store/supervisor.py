@@ -49,6 +49,8 @@ log = logging.getLogger("als.supervisor")
 #: How long a stopping server may take to answer what it holds before it is killed (what it
 #: leaves is resent to the next one).
 STOP_TIMEOUT = 10.0
+#: Beside the pool (in ROOT): the outcome of the last takeover, for ``als-mount --takeover``.
+TAKEOVER_FILE = ".als.takeover"
 #: What systemd's file descriptor store holds for us (FDNAME=).
 FDNAMES = ("als-fuse", "als-init", "als-journal", "als-underlay")
 #: A server that dies sooner than this after its start counts as a crash loop: back off.
@@ -346,6 +348,7 @@ class Supervisor:
                     now - self._takeover_started,
                 )
                 self._takeover_started = None
+                self._report_takeover("done", f"server generation {server.generation}")
                 sd_notify(f"STATUS=serving {self.pool} (server generation {server.generation})")
             else:
                 lost = self._lost_at if self._lost_at is not None else server.started
@@ -358,6 +361,22 @@ class Supervisor:
                 )
                 self._lost_at = None
                 sd_notify(f"STATUS=serving {self.pool} (server generation {server.generation})")
+
+    def _report_takeover(self, result: str, detail: str = "") -> None:
+        """Leave the outcome of the last takeover in ROOT/.als.takeover (what ``als-mount
+        --takeover`` waits for), written whole through a rename."""
+        path = self.pool.parent / TAKEOVER_FILE
+        doc = {"time": time.time(), "result": result, "detail": detail, "pid": os.getpid()}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, json.dumps(doc).encode() + b"\n")
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("cannot write %s: %s", path, exc)
 
     def _stop_current_for_takeover(self) -> None:
         cur = self.current
@@ -402,6 +421,9 @@ class Supervisor:
                     how,
                 )
                 self._takeover_started = None
+                self._report_takeover(
+                    "failed", f"the new server exited with {how} before it was ready (see the log)"
+                )
                 continue
             self.current = None
             if self._stopping:
@@ -517,6 +539,7 @@ class Supervisor:
                 log.info("takeover asked while no server runs: one is being started")
                 return
             log.info("takeover asked: starting a server from the installed code")
+            self._report_takeover("started")
             self.pending = self.spawn(wait_go=True)
             return
         log.info("received %s: stopping", signal.Signals(signum).name)

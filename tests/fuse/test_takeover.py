@@ -315,3 +315,34 @@ def test_a_restore_waits_only_for_the_layer_a_request_needs(
             assert "layers=2/2" in m.log()
         finally:
             m.stop()
+
+
+def test_a_failed_takeover_is_reported_and_the_running_server_goes_on(
+    registry: RegistryServer, layer: BuiltLayer, tmp_path: Path
+) -> None:
+    """An upgrade whose new server cannot start (here: a broken config file) fails fast and
+    says why; the old server keeps serving, and a later takeover works."""
+    m = start(tmp_path, registry.host)
+    try:
+        diff = m.layer_dir(f"{registry.host}/takeover/app:1", layer.digest) / "diff"
+        cfg = tmp_path / "als.toml"
+        good = cfg.read_text()
+        old = server_pid(m)
+        with Reader(diff) as reader:
+            reader.wait_reads(20)
+            cfg.write_text(good + "lookup_timeout = 'soon'\n")
+            t0 = time.monotonic()
+            p = takeover(m.root)
+            assert p.returncode == 1
+            assert "takeover failed: the new server exited with status 2" in p.stderr
+            assert time.monotonic() - t0 < 30
+            reader.wait_reads(20)
+            assert server_pid(m) == old
+            cfg.write_text(good)
+            assert takeover(m.root).returncode == 0
+            reader.wait_reads(20)
+        assert reader.errors == []
+        assert server_pid(m) != old
+        assert "takeover failed" in m.log()
+    finally:
+        m.stop()

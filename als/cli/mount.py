@@ -281,6 +281,7 @@ def supervise(cfg: StoreConfig, argv: Sequence[str], lock_fd: int) -> int | None
         sup.store_fds()
     # The supervisor lives as long as the mount: it goes on in a fresh interpreter that loads
     # only what it needs (about 7 MB less than this process, which parsed flags and config).
+    sup.watchdog = cfg.watchdog_s
     sup.exec_lean(lock_fd, cfg.log_level)
 
 

@@ -42,6 +42,9 @@ class StoreConfig:
     # memory given back) after memory_release_s seconds without chunk traffic (0: never).
     memory_cache_mb: int = 32
     memory_release_s: float = 10.0
+    # Supervised (docs/reliability.md): a server that answers no ping for this long is taken
+    # for hung, killed and replaced; 0: never.
+    watchdog_s: float = 60.0
     # The disk cache (docs/cache.md): default ROOT/cache; 0 MiB means no limit.
     cache_dir: str | None = None
     cache_limit_mb: int = 10240

@@ -76,6 +76,18 @@ def make_source(cfg: StoreConfig) -> Source:
     )
 
 
+async def answer_pings(ctl_fd: int) -> None:
+    """Answer the supervisor's pings (its watchdog) for as long as the event loop runs."""
+    sock = trio.socket.from_stdlib_socket(socket.socket(fileno=os.dup(ctl_fd)))
+    with sock:
+        while True:
+            data = await sock.recv(64)
+            if not data:
+                return  # the supervisor is gone (our parent-death signal follows)
+            for _ in range(data.count(b"ping")):
+                await sock.send(b"pong\n")
+
+
 async def serve(
     cfg: StoreConfig,
     source: Source,
@@ -147,6 +159,8 @@ async def serve(
                 nursery.start_soon(signals)
             if ops.restoring is not None:
                 nursery.start_soon(ops.restore, state)
+            if handoff is not None:
+                nursery.start_soon(answer_pings, handoff.ctl_fd)
             await nursery.start(manager.run)
             await nursery.start(
                 functools.partial(

@@ -53,6 +53,8 @@ STOP_TIMEOUT = 10.0
 TAKEOVER_FILE = ".als.takeover"
 #: What systemd's file descriptor store holds for us (FDNAME=).
 FDNAMES = ("als-fuse", "als-init", "als-journal", "als-underlay")
+#: How often the serving server is pinged (at most: three pings per watchdog period).
+PING_EVERY = 10.0
 #: A server that dies sooner than this after its start counts as a crash loop: back off.
 QUICK_DEATH = 5.0
 MAX_BACKOFF = 10.0
@@ -87,6 +89,8 @@ class Server:
     state: str = "starting"  # -> prepared -> serving
     buf: bytes = b""
     stop_sent: float | None = None
+    answered: float = 0.0  # when it last answered a ping (or said it serves)
+    pinged: float = 0.0
 
     @property
     def pid(self) -> int:
@@ -98,6 +102,7 @@ class Supervisor:
     pool: Path
     server_argv: Sequence[str]
     stop_timeout: float = STOP_TIMEOUT
+    watchdog: float = 0.0  # seconds a serving server may leave pings unanswered (0: no watchdog)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
     fuse_fd: int = -1
@@ -263,6 +268,7 @@ class Supervisor:
             "generation": self.generation,
             "first": self._first,
             "stored": self._stored,
+            "watchdog": self.watchdog,
         }
         logging.shutdown()
         sys.stdout.flush()
@@ -334,8 +340,11 @@ class Supervisor:
             server.state = "prepared"
             if server is self.pending:
                 self._stop_current_for_takeover()
+        elif message == "pong":
+            server.answered = now
         elif message == "serving":
             server.state = "serving"
+            server.answered = now
             if not self._ready:
                 self._ready = True
                 sd_notify(f"READY=1\nSTATUS=serving {self.pool}\nMAINPID={os.getpid()}")
@@ -483,9 +492,30 @@ class Supervisor:
             os.close(wake_w)
         return 0
 
+    def _watch(self, now: float) -> None:
+        """Ping the serving server; kill it if it has not answered for ``watchdog`` seconds (a
+        hung server holds every container's reads; a new one takes over)."""
+        server = self.current
+        if not self.watchdog or server is None or server.state != "serving" or server.stop_sent:
+            return
+        if now - server.answered > self.watchdog:
+            log.error(
+                "server pid %d has not answered for %.0fs: killing it (a new one takes over)",
+                server.pid,
+                now - server.answered,
+            )
+            server.stop_sent = now
+            server.proc.kill()
+            return
+        if now - server.pinged >= min(PING_EVERY, self.watchdog / 3):
+            server.pinged = now
+            with contextlib.suppress(OSError):
+                server.ctl.send(b"ping\n")
+
     def _step(self, wake_r: int) -> None:
         now = time.monotonic()
-        timeout = 1.0
+        self._watch(now)
+        timeout = 1.0 if not self.watchdog else min(1.0, self.watchdog / 3)
         if self._respawn_at is not None:
             timeout = max(0.0, min(timeout, self._respawn_at - now))
         servers = [s for s in (self.current, self.pending) if s is not None]
@@ -574,6 +604,7 @@ def main(argv: Sequence[str]) -> int:
         return 1
     os.set_inheritable(int(state["lock"]), False)  # held, not handed to servers
     sup.generation, sup._first, sup._stored = state["generation"], state["first"], state["stored"]
+    sup.watchdog = float(state.get("watchdog", 0.0))
     try:
         return sup.run()
     finally:

@@ -7,6 +7,7 @@ reaches the server rather than the kernel's page cache.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -56,12 +57,14 @@ def layer(registry: RegistryServer) -> BuiltLayer:
 
 
 def start(
-    tmp_path: Path, host: str, *extra: str, env: dict[str, str] | None = None
+    tmp_path: Path, host: str, *extra: str, env: dict[str, str] | None = None, config: str = ""
 ) -> ProcessMount:
     conf = write_registries_conf(tmp_path / "registries.conf", [host])
     cfg = tmp_path / "als.toml"
     # Reads must reach the server: no background download, no native tree, no memory cache.
-    cfg.write_text("background_fetch = false\nnative_layers = false\nmemory_cache_mb = 0\n")
+    cfg.write_text(
+        "background_fetch = false\nnative_layers = false\nmemory_cache_mb = 0\n" + config
+    )
     return ProcessMount(
         tmp_path / "als", "--registries-conf", str(conf), "--config", str(cfg), *extra, env=env
     ).start()
@@ -345,4 +348,29 @@ def test_a_failed_takeover_is_reported_and_the_running_server_goes_on(
         assert server_pid(m) != old
         assert "takeover failed" in m.log()
     finally:
+        m.stop()
+
+
+def test_a_hung_server_is_replaced_by_the_watchdog(
+    registry: RegistryServer, layer: BuiltLayer, tmp_path: Path
+) -> None:
+    """A server that stops answering (here: SIGSTOP, as a deadlock would look) is killed after
+    watchdog_s and replaced; readers only pause."""
+    m = start(tmp_path, registry.host, config="watchdog_s = 2.0\n")
+    hung = 0
+    try:
+        diff = m.layer_dir(f"{registry.host}/takeover/app:1", layer.digest) / "diff"
+        with Reader(diff) as reader:
+            reader.wait_reads(20)
+            hung = server_pid(m)
+            os.kill(hung, signal.SIGSTOP)
+            wait_until(lambda: server_pid(m) not in (hung, -1), 30)
+            reader.wait_reads(20)
+        assert reader.errors == []
+        assert "has not answered for" in m.log()
+        assert 1.5 < reader.longest_gap < 10, reader.longest_gap
+    finally:
+        if hung > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGKILL)
         m.stop()

@@ -137,8 +137,7 @@ async def serve(
             handoff.take_over(token.run_sync_soon)
 
     ops = Operations(cfg, manager, underlay, journal=journal, on_init=on_init)
-    if state.nodes or state.instances:
-        ops.begin_restore()
+    restorer = ops.begin_restore(state) if state.nodes or state.instances else None
     pyfuse3.init(ops, handoff.mountpoint if handoff else str(cfg.pool), fuse_options(cfg))
     clean = False
     try:
@@ -157,8 +156,8 @@ async def serve(
 
             if handle_signals:
                 nursery.start_soon(signals)
-            if ops.restoring is not None:
-                nursery.start_soon(ops.restore, state)
+            if restorer is not None:
+                nursery.start_soon(restorer.run)
             if handoff is not None:
                 nursery.start_soon(answer_pings, handoff.ctl_fd)
             await nursery.start(manager.run)

@@ -36,7 +36,6 @@ from als.store.fs.namespace import (
     StoreNode,
     is_layer_inode,
     is_whiteout_entry,
-    layer_key,
     resolve_child,
     split_inode,
 )
@@ -48,6 +47,7 @@ from als.store.fs.protocol import (
     parse_ref_segment,
     parse_rootfs_name,
 )
+from als.store.fs.restore import Restorer
 from als.store.fs.underlay import Underlay
 from als.store.layer import Layer
 from als.store.manager import LayerManager
@@ -80,10 +80,8 @@ def _guard(
 
     async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         self.requests[name] += 1
-        if self.restoring is not None:
-            await self.restoring.wait()  # a takeover: the predecessor's inodes come first
-        if self._pending:
-            await self._wait_restored(name, *args[:2])
+        if self.restorer is not None and self.restorer.pending:
+            await self.restorer.wait(name, *args[:2])  # a takeover: the predecessor's first
         try:
             return await fn(self, *args, **kwargs)
         except FUSEError:
@@ -131,15 +129,8 @@ class Operations(pyfuse3.Operations):
         self._published: set[tuple[str, str]] = set()
         self.ns = Namespace(journal)
         self._on_init = on_init
-        #: Set while the nodes of a previous server are being restored (:meth:`restore`).
-        self.restoring: trio.Event | None = None
-        # While a takeover's layers resolve: their keys, and which inodes wait for which key.
-        self._pending: dict[tuple[str, str], trio.Event] = {}
-        self._node_keys: dict[int, tuple[str, str]] = {}
-        self._instance_keys: dict[int, tuple[str, str]] = {}
-        self._journal_children: dict[tuple[int, bytes], int] = {}
-        self._journal_instances: dict[tuple[int, bytes], int] = {}
-        self._restored_max_inode = 0
+        #: After a takeover: what brings back the nodes a previous server handed the kernel.
+        self.restorer: Restorer | None = None
         self.internal_errors = 0
         #: FUSE requests answered, by operation (the status document's ``fuse_requests``).
         self.requests: collections.Counter[str] = collections.Counter()
@@ -161,106 +152,11 @@ class Operations(pyfuse3.Operations):
 
     # -- takeover ---------------------------------------------------------------------------------
 
-    def begin_restore(self) -> None:
-        """Hold every request until :meth:`restore` has run."""
-        self.restoring = trio.Event()
-
-    async def restore(self, state: JournalState) -> None:
-        """Rebuild the store nodes and layer instances a previous server handed the kernel.
-
-        Image and annotation directories come back at once. Each layer is looked up again (all
-        at once; from the cache records, or from the registry if they were evicted) and its
-        nodes and tree come back as soon as it resolves: a request waits only for the layer it
-        concerns (requests about the directories above the layers, for all of them). A layer
-        that cannot be looked up leaves its inodes unknown: the kernel gets ENOENT for them and
-        the log says why.
-        """
-        started = time.monotonic()
-        keys = {k for k in map(layer_key, state.nodes.values()) if k is not None}
-        self._pending = {key: trio.Event() for key in keys}
-        for inode, rec in state.nodes.items():
-            self._journal_children[(rec.parent, rec.name)] = inode
-            key = layer_key(rec) if rec.kind != NodeKind.ANN else None
-            if key is not None:
-                self._node_keys[inode] = key
-        for number, irec in state.instances.items():
-            self._journal_instances[(irec.owner, irec.name)] = number
-            owner = state.nodes.get(irec.owner)
-            key = layer_key(owner) if owner is not None else None
-            if key is not None:
-                self._instance_keys[number] = key
-        self._restored_max_inode = state.max_inode
-        layers: dict[tuple[str, str], Layer] = {}
-        counts = list(self.ns.restore(state, layers))  # the directories that need no layer
-        if self.restoring is not None:
-            self.restoring.set()
-            self.restoring = None
-
-        async def resolve(key: tuple[str, str]) -> None:
-            try:
-                layers[key] = await self.manager.lookup(*key)
-            except (AlsError, trio.TooSlowError) as exc:
-                log.warning("takeover: layer %s of %s not restored: %s", key[1], key[0], exc)
-            finally:
-                nodes, instances = self.ns.restore(state, layers)
-                counts[0] += nodes
-                counts[1] += instances
-                event = self._pending.pop(key, None)
-                if event is not None:
-                    event.set()
-
-        try:
-            async with trio.open_nursery() as nursery:
-                for key in keys:
-                    nursery.start_soon(resolve, key)
-        finally:
-            for event in self._pending.values():
-                event.set()
-            self._pending = {}
-            self._node_keys, self._instance_keys = {}, {}
-            self._journal_children, self._journal_instances = {}, {}
-            if self.restoring is not None:
-                self.restoring.set()
-                self.restoring = None
-        log.info(
-            "takeover-restored nodes=%d instances=%d layers=%d/%d in %.3fs",
-            counts[0],
-            counts[1],
-            len(layers),
-            len(keys),
-            time.monotonic() - started,
-        )
-
-    async def _wait_restored(self, op: str, target: object = None, name: object = None) -> None:
-        """Wait until what request ``op`` needs is restored: ``target`` is its inode (or file
-        handle, or parent directory), ``name`` the name it looks up there, if any."""
-        if not isinstance(target, int):
-            return
-        if is_layer_inode(target):
-            key = self._instance_keys.get(split_inode(target)[0])
-        elif target > self._restored_max_inode:
-            return  # made by this server
-        else:
-            key = self._node_keys.get(target)
-            if key is None and op in ("lookup", "create", "rmdir") and isinstance(name, bytes):
-                # A name in the root, an image or an annotation directory: wait for what the
-                # journal has under that name, if anything.
-                child = self._journal_children.get((target, name))
-                if child is not None:
-                    key = self._node_keys.get(child)  # None: a directory, restored at once
-                else:
-                    number = self._journal_instances.get((target, name))  # rootfs.<ID>
-                    key = self._instance_keys.get(number) if number is not None else None
-            elif key is None and op == "readdir":
-                # Listing a directory above the layers: what is below may be pending.
-                for pending in list(self._pending.values()):
-                    await pending.wait()
-                return
-            elif key is None:
-                return  # the directory itself is back already
-        event = self._pending.get(key) if key is not None else None
-        if event is not None:
-            await event.wait()
+    def begin_restore(self, state: JournalState) -> Restorer:
+        """Restore the journal's directories now, and hold the requests that concern its
+        layers until the returned :class:`Restorer` has run (``await restorer.run()``)."""
+        self.restorer = Restorer(self.ns, state, self.manager.lookup)
+        return self.restorer
 
     # -- attributes -----------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import trio
 
 from als import __version__
 from als.paths import SOCKET_NAME
+from als.sdnotify import notify as sd_notify
 from als.store.config import StoreConfig
 from als.store.control import serve_control
 from als.store.fs.handoff import Handoff
@@ -32,19 +33,6 @@ from als.store.ports import Source
 from als.store.status import StoreStatus
 
 log = logging.getLogger("als.daemon")
-
-
-def sd_notify(message: str) -> bool:
-    """Send a systemd notification if NOTIFY_SOCKET is set; True if sent."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return False
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(addr)
-        sock.sendall(message.encode())
-    return True
 
 
 def fuse_options(cfg: StoreConfig) -> set[str]:

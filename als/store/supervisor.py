@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from als.sdnotify import notify
 from als.store.fs import device, journal
 from als.store.fs.handoff import ENV, Handoff
 
@@ -61,15 +62,9 @@ MAX_BACKOFF = 10.0
 
 
 def sd_notify(message: str) -> None:
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
+    """Tell systemd (if it runs us); a notification that cannot be sent is not fatal."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(addr)
-            sock.sendall(message.encode())
+        notify(message)
     except OSError as exc:
         log.debug("sd_notify: %s", exc)
 
@@ -161,24 +156,25 @@ class Supervisor:
 
     # -- systemd's file descriptor store -----------------------------------------------------------
 
+    def _fds(self) -> dict[str, int]:
+        """The connection and what a successor needs with it, by :data:`FDNAMES` name (the
+        INIT written into a memfd the first time)."""
+        assert self.init is not None
+        if self.init_fd < 0:
+            self.init_fd = os.memfd_create("als-init", os.MFD_CLOEXEC)
+            os.pwrite(self.init_fd, self.init.raw, 0)
+        mine = (self.fuse_fd, self.init_fd, self.journal_fd, self.underlay_fd)
+        return dict(zip(FDNAMES, mine, strict=True))
+
     def store_fds(self) -> bool:
         """Give systemd a copy of the connection and what a successor needs with it
         (``FileDescriptorStoreMax=``), so that a restarted unit takes the mount over even
         after the supervisor itself died. False without systemd."""
-        addr = os.environ.get("NOTIFY_SOCKET")
-        if not addr or self.init is None:
+        if not os.environ.get("NOTIFY_SOCKET"):
             return False
-        if self.init_fd < 0:
-            self.init_fd = os.memfd_create("als-init", os.MFD_CLOEXEC)
-            os.pwrite(self.init_fd, self.init.raw, 0)
-        if addr.startswith("@"):
-            addr = "\0" + addr[1:]
-        fds = (self.fuse_fd, self.init_fd, self.journal_fd, self.underlay_fd)
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.connect(addr)
-                for name, fd in zip(FDNAMES, fds, strict=True):
-                    socket.send_fds(sock, [f"FDSTORE=1\nFDNAME={name}".encode()], [fd])
+            for name, fd in self._fds().items():
+                notify(f"FDSTORE=1\nFDNAME={name}", [fd])
         except OSError as exc:
             log.warning("cannot store the FUSE connection with systemd: %s", exc)
             return False
@@ -246,17 +242,7 @@ class Supervisor:
     def exec_lean(self, lock_fd: int, log_level: str) -> NoReturn:
         """Go on as ``python -m als.store.supervisor`` (this process, a fresh interpreter that
         loads only this module and what it needs), keeping the descriptors and the root lock."""
-        assert self.init is not None
-        if self.init_fd < 0:
-            self.init_fd = os.memfd_create("als-init", os.MFD_CLOEXEC)
-            os.pwrite(self.init_fd, self.init.raw, 0)
-        fds = dict(
-            zip(
-                FDNAMES,
-                (self.fuse_fd, self.init_fd, self.journal_fd, self.underlay_fd),
-                strict=True,
-            )
-        )
+        fds = self._fds()
         for fd in (*fds.values(), lock_fd):
             os.set_inheritable(fd, True)
         state = {

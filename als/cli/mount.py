@@ -26,6 +26,7 @@ from pathlib import Path
 
 from als import __version__
 from als.errors import AlsError
+from als.libc import function
 from als.logsetup import setup_logging
 from als.paths import DEFAULT_ROOT, POOL_NAME
 from als.store.config import StoreConfig
@@ -171,16 +172,8 @@ def tune_malloc() -> None:
     free, so freed chunk buffers stay in the heap. A fixed threshold and two arenas keep the
     RSS near the live data. No-op where mallopt is missing (not glibc).
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = function("mallopt")
+    if mallopt is None:
         return
     m_mmap_threshold, m_arena_max = -3, -8
     mallopt(m_mmap_threshold, 256 * 1024)

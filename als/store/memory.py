@@ -15,14 +15,14 @@ Where ``malloc_trim`` is missing (not glibc) nothing is done.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+
+from als.libc import function
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,10 @@ TRIM_EVERY = 1 << 20
 TRIM_QUIET = 0.2
 
 
-@functools.cache
 def _libc_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, looked up once; None where the C library has none."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        fn = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+    """glibc's ``malloc_trim``; None where the C library has none."""
+    fn = function("malloc_trim")
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_size_t]
     fn.restype = ctypes.c_int

@@ -35,6 +35,7 @@ from als.errors import AlsError, VerifyError
 from als.extract import extract_index
 from als.formats import EntryType, LayerIndex
 from als.fsutil import pid_alive, remove_tree
+from als.libc import function
 from als.store.context import StoreContext
 
 if TYPE_CHECKING:
@@ -203,24 +204,22 @@ def _sync_fs(path: Path) -> None:
     """syncfs(2) of the filesystem holding ``path`` (sync(2) where libc lacks it)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if _LIBC is not None and _LIBC.syncfs(fd) == 0:
+        if _SYNCFS is not None and _SYNCFS(fd) == 0:
             return
         os.sync()
     finally:
         os.close(fd)
 
 
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syncfs.argtypes = [ctypes.c_int]
-        libc.syncfs.restype = ctypes.c_int
-    except (OSError, AttributeError):
-        return None
-    return libc
+def _load_syncfs() -> Any | None:
+    fn = function("syncfs")
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
 
 
-_LIBC = _load_libc()
+_SYNCFS = _load_syncfs()
 
 
 def _disk_usage(root: Path) -> int:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from als.libc import function
 from als.sdnotify import notify
 from als.store.fs import device, journal
 from als.store.fs.handoff import ENV, Handoff
@@ -72,7 +73,9 @@ def sd_notify(message: str) -> None:
 def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
     """Linux prctl(PR_SET_PDEATHSIG): get ``sig`` when the parent dies (servers call this)."""
     pr_set_pdeathsig = 1
-    device.libc().prctl(pr_set_pdeathsig, sig, 0, 0, 0)
+    prctl = function("prctl")
+    if prctl is not None:
+        prctl(pr_set_pdeathsig, sig, 0, 0, 0)
 
 
 @dataclass

@@ -4,7 +4,7 @@
   only the metrics module imports prometheus_client;
 - the format parsers import no async, FUSE, network, store or registry code;
 - the shared definitions (als/digest.py, oci.py, ranges.py, overlay.py, paths.py, errors.py,
-  fsutil.py) import only the standard library and each other;
+  fsutil.py, libc.py, logsetup.py, sdnotify.py) import only the standard library and each other;
 - the store imports the registry's types, never its client (only the daemon wires one in);
 - the registry never imports the store; nothing but the CLI imports the CLI; nothing imports tests;
 - image conversion (als/convert/) imports no FUSE or trio code, of the store only its disk-cache
@@ -30,6 +30,9 @@ SHARED = {
     "als.paths",
     "als.errors",
     "als.fsutil",
+    "als.libc",
+    "als.logsetup",
+    "als.sdnotify",
 }
 
 

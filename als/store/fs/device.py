@@ -19,6 +19,9 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from als.libc import function
 
 FUSE_DEVICE = "/dev/fuse"
 FUSE_INIT = 26
@@ -97,14 +100,12 @@ class MountOptions:
         return ",".join(opts)
 
 
-def libc() -> ctypes.CDLL:
-    """The C library (glibc's soname first: ctypes.util's search costs the supervisor ~1 MB)."""
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        from ctypes.util import find_library
-
-        return ctypes.CDLL(find_library("c"), use_errno=True)
+def _libc_call(name: str, *args: Any) -> int:
+    """Call the C library's ``name``; the errno on failure (ENOSYS if there is no such call)."""
+    fn = function(name)
+    if fn is None:
+        return errno.ENOSYS
+    return 0 if fn(*args) == 0 else ctypes.get_errno()
 
 
 def open_device() -> int:
@@ -119,26 +120,23 @@ def mount(fd: int, mountpoint: Path, options: MountOptions) -> None:
     """mount(2) the connection of ``fd`` at ``mountpoint`` (root, or root of a user namespace
     that owns the mount namespace; others need fusermount3, which this does not do)."""
     root_mode = os.stat(mountpoint).st_mode
-    lib = libc()
-    res = lib.mount(
+    err = _libc_call(
+        "mount",
         options.fsname.encode(),
         os.fsencode(mountpoint),
         f"fuse.{options.subtype}".encode(),
         ctypes.c_ulong(MS_NOSUID | MS_NODEV),
         options.data(fd, root_mode).encode(),
     )
-    if res != 0:
-        err = ctypes.get_errno()
+    if err:
         raise DeviceError(err, f"cannot mount FUSE at {mountpoint}: {os.strerror(err)}")
 
 
 def unmount(mountpoint: Path) -> None:
     """Detach the mount (what libfuse's unmount does as root); running users keep theirs."""
-    lib = libc()
-    if lib.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
-            raise DeviceError(err, f"cannot unmount {mountpoint}: {os.strerror(err)}")
+    err = _libc_call("umount2", os.fsencode(mountpoint), MNT_DETACH)
+    if err and err not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
+        raise DeviceError(err, f"cannot unmount {mountpoint}: {os.strerror(err)}")
 
 
 def read_init(fd: int, timeout: float) -> InitRequest:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +17,8 @@ def write_atomic(dest: Path, data: bytes, *, tmp: Path | None = None) -> None:
     file is created with mode 0600. Raises OSError; the temporary file is removed on failure.
     """
     if tmp is None:
+        import tempfile  # here: the supervisor, which passes ``tmp``, keeps its imports few
+
         fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.absolute().parent)
         tmp = Path(name)
     else:
@@ -64,6 +64,8 @@ def remove_tree(path: Path) -> None:
             return
         except OSError:
             dead = path
+    import shutil  # here, as tempfile above
+
     shutil.rmtree(dead, ignore_errors=True)
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from als.fsutil import write_atomic
 from als.libc import function
 from als.sdnotify import notify
 from als.store.fs import device, journal
@@ -365,14 +366,9 @@ class Supervisor:
         --takeover`` waits for), written whole through a rename."""
         path = self.pool.parent / TAKEOVER_FILE
         doc = {"time": time.time(), "result": result, "detail": detail, "pid": os.getpid()}
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.time_ns()}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                os.write(fd, json.dumps(doc).encode() + b"\n")
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            write_atomic(path, json.dumps(doc).encode() + b"\n", tmp=tmp)
         except OSError as exc:
             log.debug("cannot write %s: %s", path, exc)
 

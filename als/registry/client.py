@@ -57,10 +57,10 @@ from als.registry.ranges import (
     RangeParseError,
     Region,
     coalesce,
+    collect_regions,
     extract,
-    multipart_boundary,
     parse_content_range,
-    parse_multipart_byteranges,
+    partial_content_parts,
     range_header,
 )
 from als.registry.reference import ImageRef, parse_reference, validate_digest
@@ -683,21 +683,16 @@ class RegistryClient:
                 raise RegistryError(f"{what}: unexpected HTTP {resp.status_code}")
             limit = sum(r.length for r in batch) + 4096 * len(batch) + 4096
             body = self.transport.read_all(resp, limit, deadline, what)
-            ctype = resp.headers.get("Content-Type", "")
             try:
-                boundary = multipart_boundary(ctype)
-                if boundary is not None:
-                    return parse_multipart_byteranges(body, boundary)
-                start, end, _total = parse_content_range(resp.headers.get("Content-Range", ""))
+                return partial_content_parts(
+                    body,
+                    resp.headers.get("Content-Type", ""),
+                    resp.headers.get("Content-Range", ""),
+                )
             except RangeParseError as exc:
                 if exc.truncated:
                     raise Transient(f"{what}: {exc}") from None
                 raise RegistryError(f"{what}: bad range response from {ep.host}: {exc}") from None
-            if len(body) != end - start:
-                raise Transient(
-                    f"{what}: got {len(body)} bytes for Content-Range {start}-{end - 1}"
-                )
-            return [(start, body)]
 
     def _from_full_body(
         self, resp: Response, batch: Sequence[Region], deadline: float, what: str
@@ -709,12 +704,8 @@ class RegistryClient:
         pos = 0
         try:
             for chunk in resp.iter_content(1 << 16):
-                c_start, c_end = pos, pos + len(chunk)
-                for reg, acc in zip(batch, bufs, strict=True):
-                    lo, hi = max(reg.start, c_start), min(reg.end, c_end)
-                    if lo < hi:
-                        acc.extend(chunk[lo - c_start : hi - c_start])
-                pos = c_end
+                collect_regions(batch, bufs, pos, chunk)
+                pos += len(chunk)
                 self.stats.add(bytes_received=len(chunk))
                 if pos >= want_end:
                     break

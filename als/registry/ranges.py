@@ -15,10 +15,12 @@ __all__ = [
     "RangeParseError",
     "Region",
     "coalesce",
+    "collect_regions",
     "extract",
     "multipart_boundary",
     "parse_content_range",
     "parse_multipart_byteranges",
+    "partial_content_parts",
     "range_header",
 ]
 
@@ -47,6 +49,34 @@ def parse_content_range(value: str) -> tuple[int, int, int | None]:
         raise RangeParseError(f"inverted Content-Range {value[:100]!r}")
     total = None if m.group(3) == "*" else int(m.group(3))
     return start, last + 1, total
+
+
+def collect_regions(
+    regions: Sequence[Region], bufs: Sequence[bytearray], offset: int, chunk: bytes
+) -> None:
+    """Append to each region's buffer the part of ``chunk`` (at blob ``offset``) it covers
+    (reading a whole body for a few regions of it)."""
+    end = offset + len(chunk)
+    for reg, acc in zip(regions, bufs, strict=True):
+        lo, hi = max(reg.start, offset), min(reg.end, end)
+        if lo < hi:
+            acc.extend(chunk[lo - offset : hi - offset])
+
+
+def partial_content_parts(
+    body: bytes, content_type: str, content_range: str
+) -> list[tuple[int, bytes]]:
+    """The ``(offset, bytes)`` parts of a 206 answer: a ``multipart/byteranges`` body, or one
+    range as its ``Content-Range`` says (a body of another length is truncated)."""
+    boundary = multipart_boundary(content_type)
+    if boundary is not None:
+        return parse_multipart_byteranges(body, boundary)
+    start, end, _total = parse_content_range(content_range)
+    if len(body) != end - start:
+        raise RangeParseError(
+            f"got {len(body)} bytes for Content-Range {start}-{end - 1}", truncated=True
+        )
+    return [(start, body)]
 
 
 def multipart_boundary(content_type: str) -> str | None:

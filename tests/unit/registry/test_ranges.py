@@ -10,11 +10,14 @@ from hypothesis import strategies as st
 
 from als.registry.ranges import (
     RangeParseError,
+    Region,
     coalesce,
+    collect_regions,
     extract,
     multipart_boundary,
     parse_content_range,
     parse_multipart_byteranges,
+    partial_content_parts,
 )
 
 
@@ -81,3 +84,23 @@ def test_content_range_and_boundary() -> None:
     assert multipart_boundary('multipart/byteranges; boundary="a b"') == "a b"
     assert multipart_boundary("multipart/byteranges; boundary=abc") == "abc"
     assert multipart_boundary("application/octet-stream") is None
+
+
+def test_partial_content_parts_single_and_multipart() -> None:
+    assert partial_content_parts(b"abc", "application/octet-stream", "bytes 10-12/100") == [
+        (10, b"abc")
+    ]
+    with pytest.raises(RangeParseError, match="got 2 bytes for Content-Range 10-12") as err:
+        partial_content_parts(b"ab", "", "bytes 10-12/100")
+    assert err.value.truncated
+    body = b"--B\r\nContent-Range: bytes 0-1/9\r\n\r\nxy\r\n--B--\r\n"
+    assert partial_content_parts(body, "multipart/byteranges; boundary=B", "") == [(0, b"xy")]
+
+
+def test_collect_regions_across_chunks() -> None:
+    blob = bytes(range(100))
+    regions = [Region(5, 12), Region(30, 70)]
+    bufs = [bytearray(), bytearray()]
+    for off in range(0, 100, 16):
+        collect_regions(regions, bufs, off, blob[off : off + 16])
+    assert [bytes(b) for b in bufs] == [blob[5:12], blob[30:70]]

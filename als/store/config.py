@@ -79,6 +79,12 @@ class StoreConfig:
     # als-mount runs as root in the initial user namespace, else user), in the FUSE view and
     # in native trees alike.
     opaque_xattr: str = "auto"
+    # Zero-message open: answer the kernel's first open and opendir with ENOSYS, after which it
+    # opens files and directories without asking the store, and keeps their pages and listings
+    # cached (no open, release, opendir or releasedir requests at all). Takes effect only with
+    # the pyfuse3 that scripts/build-pyfuse3 builds (it hands read and readdir the inode); with
+    # a stock pyfuse3 the store opens everything itself, as when this is off.
+    zero_message_open: bool = True
     # Kernel cache timeouts (seconds): layer contents never change.
     layer_ttl: float = 3600.0
     store_ttl: float = 1.0

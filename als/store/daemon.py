@@ -168,6 +168,13 @@ async def serve(
                     cfg.pool,
                     handoff.generation,
                 )
+            if ops.zero_open:
+                log.info("zero-message open: the kernel opens files and directories itself")
+            elif cfg.zero_message_open:
+                log.info(
+                    "zero-message open unavailable: this pyfuse3 lacks the inode handle "
+                    "(scripts/build-pyfuse3); every open and opendir reaches the store"
+                )
             task_status.started(ops)
             await pyfuse3.main()
             clean = True

@@ -225,12 +225,17 @@ def test_layer_directory_lists_diff_info_and_blob(mount: ThreadMount, image: Ima
         assert kinds == {"diff": (True, False), "info": (False, True), "blob": (False, True)}
 
 
+def _write_through(path: Path) -> None:
+    with open(path, "r+b", buffering=0) as f:
+        f.write(b"x")
+
+
 def test_writes_are_refused(mount: ThreadMount, image: Image) -> None:
     _, layers = image
     d = mount.layer_dir(REF, layers[0].digest)
     root = d / "diff"
     attempts: list[Callable[[], object]] = [
-        lambda: open(root / "etc/os-release", "r+b").close(),
+        lambda: _write_through(root / "etc/os-release"),
         lambda: open(root / "new", "wb").close(),
         lambda: os.mkdir(root / "newdir"),
         lambda: os.unlink(root / "etc/os-release"),

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from als.formats import EntryType, LayerIndex
@@ -63,6 +65,9 @@ class StoreNode:
     instances: dict[bytes, Instance] = field(default_factory=dict)
     lookups: int = 0
     children: dict[bytes, int] = field(default_factory=dict)
+    #: Set when what the directory lists changes (the kernel compares it with the listing it
+    #: keeps under zero-message opendir); 0 until then.
+    mtime_ns: int = 0
 
 
 @dataclass(eq=False)
@@ -167,6 +172,29 @@ class Namespace:
         self.listings: OrderedDict[tuple[int, int], Listing] = OrderedDict()
         self.journal = journal
         self._numbering_restored = False
+        #: Called with the inode of each store directory whose listing just changed.
+        self.on_listing_change: Callable[[int], None] | None = None
+
+    def _child_changed(self, parent: StoreNode) -> None:
+        # A layer directory always lists diff, info and blob (made when first asked for);
+        # only its diff turning into a symlink changes it (the FUSE layer says so itself).
+        if parent.kind != NodeKind.LAYERDIR:
+            self.listing_changed(parent)
+
+    def listing_changed(self, node: StoreNode) -> None:
+        """``node`` lists other entries now; so may its ancestors (a reference directory is
+        listed only once a layer below it resolved)."""
+        now = time.time_ns()
+        seen = 0
+        while seen < 64:  # the pool is a few levels deep; the bound guards against a cycle
+            node.mtime_ns = now
+            if self.on_listing_change is not None:
+                self.on_listing_change(node.inode)
+            parent = self.nodes.get(node.parent)
+            if parent is None or parent is node:
+                return
+            node = parent
+            seen += 1
 
     def restore(self, state: JournalState, layers: dict[Key, Layer]) -> tuple[int, int]:
         """Rebuild the nodes and instances of a journal, with the layers resolved for them.
@@ -252,6 +280,7 @@ class Namespace:
             self.journal.node(rec)
         self.nodes[inode] = node
         parent.children[name] = inode
+        self._child_changed(parent)
         return node
 
     def new_instance(self, layer: Layer, owner: StoreNode, name: bytes) -> Instance:
@@ -262,6 +291,7 @@ class Namespace:
         self.instances[inst.number] = inst
         owner.instances[name] = inst
         layer.instances += 1
+        self._child_changed(owner)
         return inst
 
     def listing(self, inst: Instance, dir_id: int) -> Listing:
@@ -304,6 +334,7 @@ class Namespace:
         parent = self.nodes.get(node.parent)
         if parent is not None and parent.children.get(node.name) == node.inode:
             del parent.children[node.name]
+            self._child_changed(parent)
         for inst in node.instances.values():
             self._maybe_drop_instance(inst)
 

@@ -112,6 +112,9 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    # O_TRUNC comes as a setattr (refused), not as an open flag the store may never see (read
+    # by the pyfuse3 of scripts/build-pyfuse3; zero-message open needs it).
+    disable_atomic_o_trunc = True
 
     def __init__(
         self,
@@ -143,6 +146,17 @@ class Operations(pyfuse3.Operations):
         self._negative.st_ino = InodeT(0)
         self._negative.entry_timeout = cfg.layer_ttl
         manager.native.listeners.append(self.native_changed)
+        # Zero-message open (config zero_message_open): the first open and opendir answer
+        # ENOSYS; from then on the kernel opens without asking and keeps pages and listings
+        # (FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR). Only with a pyfuse3 that hands read and readdir
+        # the inode when there is no handle (scripts/build-pyfuse3).
+        self.zero_open = cfg.zero_message_open and bool(
+            getattr(pyfuse3, "ZERO_MESSAGE_OPEN", False)
+        )
+        self._stale_listings: set[int] = set()
+        self._owner = (os.geteuid(), os.getegid())
+        if self.zero_open:
+            self.ns.on_listing_change = self._listing_changed
 
     def init(self) -> None:
         # Called by libfuse while it handles FUSE_INIT, before it replies (see
@@ -178,9 +192,17 @@ class Operations(pyfuse3.Operations):
             else:
                 assert node.layer is not None
                 a.st_size = node.layer.info.blob_size
+        elif node.kind == NodeKind.ROOT and self.zero_open:
+            # Under zero-message open the kernel opens files for writing without asking; the
+            # store refuses every write, but a shared writable mapping would change the cached
+            # pages others read. So only the store's owner (podman's root) may enter the pool.
+            a.st_mode = stat.S_IFDIR | 0o700
+            a.st_nlink = 2
+            a.st_uid, a.st_gid = self._owner
         else:
             a.st_mode = stat.S_IFDIR | 0o755
             a.st_nlink = 2
+        a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = node.mtime_ns
         a.st_blksize = 4096
         a.st_blocks = (a.st_size + 511) // 512
         return a
@@ -368,6 +390,7 @@ class Operations(pyfuse3.Operations):
             return self._store_attr(old)
         if old is not None:
             del parent.children[b"diff"]  # the tree went away: serve the layer again
+            ns.listing_changed(parent)
         inst = parent.instances.get(b"diff")
         if inst is None or inst.number not in ns.instances:
             inst = ns.new_instance(layer, parent, b"diff")
@@ -383,6 +406,7 @@ class Operations(pyfuse3.Operations):
         for node in list(self.ns.nodes.values()):
             if node.kind == NodeKind.LAYERDIR and node.layer is layer:
                 pyfuse3.invalidate_entry_async(InodeT(node.inode), b"diff", ignore_enoent=True)
+                self.ns.listing_changed(node)  # diff is listed as a symlink, or a directory
                 if layer.native is not None:
                     self._publish(node)
         if layer.native is None and self.underlay is not None:
@@ -453,8 +477,31 @@ class Operations(pyfuse3.Operations):
     # lists its live children ordered by inode, so the offsets stay valid while it changes).
     # A client holding thousands of open directories costs the daemon nothing.
 
+    def _listing_changed(self, inode: int) -> None:
+        """A store directory lists other entries: drop the listing the kernel keeps (soon,
+        from a worker thread, several at once; never from inside the request that caused it)."""
+        if not self._stale_listings:
+            self.manager.scheduler.spawn(self._flush_listings)
+        self._stale_listings.add(inode)
+
+    async def _flush_listings(self) -> None:
+        await trio.lowlevel.checkpoint()  # the reply of the request that changed them first
+        inodes, self._stale_listings = self._stale_listings, set()
+
+        def notify() -> None:
+            for inode in sorted(inodes):
+                try:
+                    pyfuse3.invalidate_inode(InodeT(inode), attr_only=False)
+                except OSError as exc:  # ENOENT: the kernel does not know the inode (fine)
+                    if exc.errno != errno.ENOENT:
+                        log.debug("invalidate_inode(%d): %s", inode, exc)
+
+        await self.manager.scheduler.disk_call(notify)
+
     @_guard
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
+        if self.zero_open:
+            raise FUSEError(errno.ENOSYS)  # the kernel opens directories by itself from now on
         if is_layer_inode(inode):
             inst, dir_id = self._instance(inode)
             if inst.layer.index.entry(dir_id).type != EntryType.DIR:
@@ -555,6 +602,10 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
+        if self.zero_open:
+            # The kernel opens files by itself from now on; writes still get EROFS (write,
+            # setattr), and the access profile is learned from reads.
+            raise FUSEError(errno.ENOSYS)
         if flags & _WRITE_FLAGS:
             raise FUSEError(errno.EROFS)
         if is_layer_inode(inode):
@@ -577,6 +628,8 @@ class Operations(pyfuse3.Operations):
         inode = int(fh)
         if is_layer_inode(inode):
             inst, entry_id = self._instance(inode)
+            if off == 0 and self.zero_open:
+                inst.layer.note_open(entry_id)
             start = time.monotonic()
             data = await inst.layer.read(entry_id, off, size)
             if self.manager.metrics is not None:

@@ -106,6 +106,12 @@ def test_warm_walk_and_read_reach_the_store_not_at_all(mount: ThreadMount) -> No
     # The first open and opendir were answered ENOSYS; none came after them.
     assert after["open"] == 1 and after["opendir"] == 1
     assert after["release"] == 0 and after["releasedir"] == 0
+    # Symlink targets stay in the kernel too.
+    link = root / "usr/lib/link"
+    assert os.readlink(link) == "d0/f0.so"
+    n = mount.ops.requests["readlink"]
+    assert [os.readlink(link) for _ in range(3)] == ["d0/f0.so"] * 3
+    assert mount.ops.requests["readlink"] == n
 
 
 @patched

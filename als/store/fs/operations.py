@@ -115,6 +115,9 @@ class Operations(pyfuse3.Operations):
     # O_TRUNC comes as a setattr (refused), not as an open flag the store may never see (read
     # by the pyfuse3 of scripts/build-pyfuse3; zero-message open needs it).
     disable_atomic_o_trunc = True
+    # Symlink targets kept by the kernel (same pyfuse3): a layer's never change, and a native
+    # layer's diff link is a new inode whenever its target could differ.
+    enable_cache_symlinks = True
 
     def __init__(
         self,

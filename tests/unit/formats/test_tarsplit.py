@@ -196,3 +196,38 @@ def test_tarsplit_size_is_the_tar_size() -> None:
 def test_tarsplit_size_rejects_bad_documents(line: bytes, msg: str) -> None:
     with pytest.raises(FormatError, match=msg):
         tarsplit_size(b'{"type":2,"payload":"AAAA","position":0}\n' + line + b"\n", layer="l")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"type":2,"payload":"AAAA","position":0}',
+        b'{"type":2,"payload":"AAA=","position":12}',
+        b'{"type":2,"payload":"AA==","position":3}',
+        b'{"type":2,"payload":"","position":3}',
+        b'{"type":1,"name":"etc/","payload":null,"position":1}',
+        b'{"type":1,"name":"a b","size":17,"payload":"AAAAAAAAAAA=","position":2}',
+        b'{"type":1,"name":"x","name_raw":"/w==","size":3,"payload":null,"position":2}',
+        # not the plain shape: read by the JSON parser
+        b'{"type":1,"name":"q\\"uote","size":5,"payload":null,"position":2}',
+        b'{"type":1,"name":"caf\xc3\xa9","size":5,"payload":null,"position":2}',
+        b'{"type":1, "name":"spaced","size":5,"payload":null,"position":2}',
+        b'{"type":1,"name":"big","size":123456789012345678901,"payload":null,"position":2}',
+        b'{"payload":"AAAA","type":2,"position":0}',
+        b'{"type":2,"payload":"AAAAA","position":0}',
+    ],
+)
+def test_tarsplit_size_fast_path_agrees_with_the_json_parser(line: bytes) -> None:
+    """Plain lines are sized without a JSON parser; every line gives what the parser gives (a
+    size, or the same FormatError)."""
+    doc = b'{"type":2,"payload":"AAAA","position":0}\n' + line + b"\n"
+    padded = b'{"type":2,"payload":"AAAA","position":0} \n' + line + b"\n"  # forces the parser
+    try:
+        want: int | str = tarsplit_size(padded)
+    except FormatError as exc:
+        want = str(exc)
+    try:
+        got: int | str = tarsplit_size(doc)
+    except FormatError as exc:
+        got = str(exc)
+    assert got == want

@@ -443,6 +443,51 @@ class ChunkLoader:
                     break
         return raw, fetched
 
+    def can_keep_raw(self, layer: Layer) -> bool:
+        """Whether compressed bytes fetched for ``layer`` have a download of ours to go to."""
+        ingest = layer.ingest
+        return (
+            self._ctx.disk is not None
+            and ingest is not None
+            and ingest.owned
+            and not layer.complete
+        )
+
+    async def fetch_raw(self, layer: Layer, items: Sequence[Item], kind: str) -> int:
+        """Fetch the compressed bytes of ``items`` into the layer's download, without decoding
+        them: each chunk is decoded and verified when it is first read (like any byte of the
+        download). For prefetching more than the memory cache can hold decoded. Skips what the
+        download holds or another task is fetching; returns the bytes fetched (0 when the layer
+        has no download of ours: see :meth:`can_keep_raw`)."""
+        if not self.can_keep_raw(layer):
+            return 0
+        ctx = self._ctx
+        need = [c for _, c in items if not c.zeros and layer.key(c) not in self.inflight]
+        present = list(layer.ingest.ranges) if layer.ingest is not None else []
+        holes = [
+            h
+            for span in merge_spans([(c.coffset, c.cend) for c in need], _PREFETCH_GAP)
+            for h in subtract_spans(span, present)
+        ]
+        if not holes:
+            return 0
+        deadline = time.monotonic() + ctx.cfg.read_timeout
+        ranges = [(s, e - s) for s, e in holes]
+        ref, digest, source = layer.ref, layer.digest, ctx.source
+
+        def fetch() -> list[bytes]:
+            return source.fetch_ranges(ref, digest, ranges, deadline=deadline)
+
+        start = time.monotonic()
+        with trio.fail_after(ctx.cfg.read_timeout + 5):
+            blobs = await ctx.scheduler.net_call(fetch)
+        n = sum(len(b) for b in blobs)
+        layer.fetched_bytes += n
+        ctx.fetched(n, kind, time.monotonic() - start)
+        fetched = [(s, data) for (s, _), data in zip(holes, blobs, strict=True)]
+        ctx.scheduler.spawn_disk_write(lambda: self._store(layer, [], fetched))
+        return n
+
     async def blob_parts(self, layer: Layer, spans: Sequence[Span]) -> list[tuple[int, bytes]]:
         """The parts of ``spans`` present in the layer's download, as (offset, bytes)."""
         ingest = layer.ingest

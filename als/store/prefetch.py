@@ -24,7 +24,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PREFETCH_BATCH = 8 << 20  # compressed bytes per prefetch step
+# Compressed bytes per prefetch step, and steps in flight at once: small steps hand readers
+# the first files of the region early (a reader waits for the step holding its chunk, not for
+# the whole region), and two at once overlap one step's download with another's decoding.
+_PREFETCH_BATCH = 1 << 20
+_PREFETCH_STEPS = 2
 _MAX_PROFILE = 100_000  # files recorded in one profile
 
 
@@ -94,20 +98,50 @@ class Prefetcher:
             return
         start = time.monotonic()
         fetched0 = layer.fetched_bytes
-        batch: list[Item] = []
+        batches: list[list[Item]] = [[]]
         size = 0
-        try:
-            for fid in files:
-                for c in index.chunks(fid):
-                    batch.append((fid, c))
-                    size += c.cend - c.coffset
-                if size >= _PREFETCH_BATCH:
-                    await self._loader.get(layer, batch, PREFETCH)
-                    batch, size = [], 0
-            if batch:
-                await self._loader.get(layer, batch, PREFETCH)
-        except AlsError as exc:
-            log.warning("prefetch-failed layer=%s: %s", layer.digest, exc)
+        for fid in files:
+            for c in index.chunks(fid):
+                batches[-1].append((fid, c))
+                size += c.cend - c.coffset
+            if size >= _PREFETCH_BATCH:
+                batches.append([])
+                size = 0
+        failed: list[AlsError] = []
+        steps = trio.Semaphore(_PREFETCH_STEPS)
+        # Decoded, the region may not fit the memory cache: prefetching it all decoded would
+        # push its first files out before readers ask for them, and they would be decoded
+        # twice. Beyond half the cache, the compressed bytes only go to the layer's download.
+        budget = ctx.cfg.memory_cache_mb * (1 << 20) // 2
+        decoded = 0
+        loader = self._loader
+
+        async def step(batch: list[Item], decode: bool) -> None:
+            try:
+                if decode:
+                    await loader.get(layer, batch, PREFETCH)
+                else:
+                    await loader.fetch_raw(layer, batch, PREFETCH)
+            except AlsError as exc:
+                failed.append(exc)
+            finally:
+                steps.release()
+
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                if not batch:
+                    continue
+                decode = decoded < budget
+                if not decode and not loader.can_keep_raw(layer):
+                    break  # nowhere to keep more: readers fetch the rest themselves
+                await steps.acquire()
+                if failed:
+                    steps.release()
+                    break
+                decoded += sum(c.size for _, c in batch) if decode else 0
+                nursery.start_soon(step, batch, decode)
+        if failed:
+            log.warning("prefetch-failed layer=%s: %s", layer.digest, failed[0])
             return
         log.info(
             "prefetch-done layer=%s files=%d profile=%d fetched=%d ms=%d",

@@ -351,6 +351,29 @@ async def test_prefetch_fetches_the_landmark_region(tmp_path: Path) -> None:
         assert src.requests == requests
 
 
+async def test_prefetch_beyond_the_memory_cache_goes_to_the_download(tmp_path: Path) -> None:
+    """A landmark region larger than half the memory cache: its start is prefetched decoded,
+    the rest only downloaded (decoded when read, once); reading it all fetches nothing more."""
+    prio = [*sorted(FILES)]
+    built = make_layer(FILES, "estargz", chunk_size=64 * 1024, prioritized=prio)
+    src = FakeSource()
+    src.add_image(REF, [built])
+    async with running(src, tmp_path, memory_cache_mb=1, readahead_kb=0) as m:
+        lay = await m.lookup(REF, built.digest)
+        spans = [(c.coffset, c.cend) for p in prio for c in chunks(lay, p)]
+
+        def downloaded() -> bool:
+            held = list(lay.ingest.ranges) if lay.ingest is not None else []
+            return all(any(s <= a and b <= e for s, e in held) for a, b in spans)
+
+        await wait_for(downloaded)
+        assert not in_memory(m, lay, prio[-3:])  # the tail was not decoded ahead
+        requests = src.requests
+        for p in prio:
+            assert await read_all(lay, p) == FILES[p]
+        assert src.requests == requests
+
+
 def in_memory(m: LayerManager, lay: Layer, paths: list[str]) -> bool:
     return all(c.digest in m.memory._data for p in paths for c in chunks(lay, p))
 

@@ -101,13 +101,16 @@ class Layer:
             if ends:
                 self.services.readahead.after_read(self, max(ends))
         parts: list[bytes] = []
+        memory = self.services.ctx.memory
         for c in wanted:
             if c.uoffset >= end or c.uoffset + c.size <= off:
                 continue
-            data = got[self.key(c)]
+            key = self.key(c)
+            data = got[key]
             lo = max(off - c.uoffset, 0)
             hi = min(end - c.uoffset, c.size)
             parts.append(data[lo:hi] if (lo, hi) != (0, c.size) else data)
+            memory.served(key, hi - lo)
         return b"".join(parts)
 
     async def get_chunks(self, items: Sequence[Item], kind: str) -> dict[str, bytes]:

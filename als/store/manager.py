@@ -57,6 +57,7 @@ class LayerManager:
         self.trimmer = MemoryTrimmer(
             release=lambda: self.ctx.memory.clear(),  # noqa: PLW0108 - ctx is made below
             idle=cfg.memory_release_s,
+            shrink=lambda: self.ctx.memory.drop_consumed(),  # noqa: PLW0108 - the same
         )
         self.ctx = ctx = StoreContext(
             cfg=cfg,

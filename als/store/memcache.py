@@ -18,8 +18,14 @@ class ChunkCache:
         self.on_put = on_put
         self.bytes = 0
         self._data: OrderedDict[str, bytes] = OrderedDict()
+        # Bytes of a cached chunk handed to readers so far. Once all of it was, the kernel
+        # holds it in its page cache (layer files are opened with keep_cache): the chunk is
+        # *consumed*, and leaves memory at the next put or trim (:meth:`served`).
+        self._served: dict[str, int] = {}
+        self._consumed: dict[str, None] = {}
         self.hits = 0
         self.misses = 0
+        self.consumed = 0  # chunks dropped because readers had all of them
 
     def get(self, key: str) -> bytes | None:
         data = self._data.get(key)
@@ -28,6 +34,9 @@ class ChunkCache:
             return None
         self._data.move_to_end(key)
         self.hits += 1
+        if key in self._consumed:  # wanted again (another file, another layer)
+            del self._consumed[key]
+            self._served.pop(key, None)
         return data
 
     def __contains__(self, key: str) -> bool:
@@ -39,19 +48,49 @@ class ChunkCache:
             self.on_put(len(data))
         if len(data) > self.max_bytes:
             return False
+        self.drop_consumed()
         old = self._data.pop(key, None)
         if old is not None:
             self.bytes -= len(old)
         self._data[key] = data
         self.bytes += len(data)
         while self.bytes > self.max_bytes:
-            _, evicted = self._data.popitem(last=False)
+            evicted_key, evicted = self._data.popitem(last=False)
             self.bytes -= len(evicted)
+            self._served.pop(evicted_key, None)
         return True
+
+    def served(self, key: str, nbytes: int) -> None:
+        """``nbytes`` of chunk ``key`` went to a reader. When every byte of it has (counted
+        over reads, which the kernel does not repeat for pages it keeps), the chunk is
+        consumed: dropped at the next :meth:`put` or :meth:`drop_consumed` (not at once: the
+        cache write of what was just fetched may still be on its way), and a later miss
+        decodes it again from disk."""
+        if key not in self._data:
+            return
+        total = self._served.get(key, 0) + nbytes
+        self._served[key] = total
+        if total >= len(self._data[key]):
+            self._consumed[key] = None
+
+    def drop_consumed(self) -> int:
+        """Drop the consumed chunks; the bytes released."""
+        freed = 0
+        for key in self._consumed:
+            data = self._data.pop(key, None)
+            self._served.pop(key, None)
+            if data is not None:
+                freed += len(data)
+                self.consumed += 1
+        self._consumed.clear()
+        self.bytes -= freed
+        return freed
 
     def clear(self) -> int:
         """Drop every chunk; the bytes that were held."""
         held = self.bytes
         self._data.clear()
+        self._served.clear()
+        self._consumed.clear()
         self.bytes = 0
         return held

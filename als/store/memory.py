@@ -66,6 +66,7 @@ class MemoryTrimmer:
         quiet: float = TRIM_QUIET,
         release: Callable[[], object] | None = None,
         idle: float = 0.0,
+        shrink: Callable[[], object] | None = None,
         in_thread: Callable[[Callable[[], object]], Awaitable[object]] = trio.to_thread.run_sync,
     ) -> None:
         self._trim = trim
@@ -76,6 +77,9 @@ class MemoryTrimmer:
         # memory cache) and trim: a store at rest holds no decoded chunks.
         self._release = release
         self.idle = idle
+        # Before each trim: give back what is no longer needed (the memory cache's consumed
+        # chunks), so that the trim can return those pages too.
+        self._shrink = shrink
         self.releases = 0
         self.pending = 0  # bytes noted since the last trim
         self.trims = 0
@@ -122,6 +126,8 @@ class MemoryTrimmer:
         """Trim once, in a worker thread."""
         self.pending = 0
         self._full = trio.Event()
+        if self._shrink is not None:
+            self._shrink()
         start = time.perf_counter()
         await self._in_thread(self._trim)
         took = time.perf_counter() - start

@@ -79,7 +79,7 @@ while :; do
   n=$((n+1))
   echo "R $n"
   while IFS= read -r f; do
-    if out=$(sha256sum "$f" 2>&1); then echo "S ${out%% *} $f"; else echo "E $f $out"; fi
+    if out=$(sha256sum "$f" 2>&1); then echo "S ${out%% *} $f"; else echo "E $f rc=$? $out"; fi
   done < "$1"
   echo "D $n"
 done
@@ -295,6 +295,11 @@ def parse_k8s_time(stamp: str) -> float:
 def classify_errno(text: str) -> str:
     low = text.lower()
     if "i/o error" in low or "input/output" in low:
+        return "EIO"
+    if low.startswith("rc=135"):
+        # sha256sum killed by SIGBUS (128 + 7): a page of its own binary (busybox, in the
+        # image's lazily pulled layer) could not be read in. The kernel reports an EIO on a
+        # mapped page this way, so it counts as one.
         return "EIO"
     if "not connected" in low:
         return "ENOTCONN"

@@ -101,7 +101,13 @@ class Layer:
             if ends:
                 self.services.readahead.after_read(self, max(ends))
         parts: list[bytes] = []
-        memory = self.services.ctx.memory
+        ctx = self.services.ctx
+        memory = ctx.memory
+        # What a reader had all of leaves memory, if the disk cache holds it: the layer's
+        # blob, or its download of ours (which every fetched range goes to).
+        local = ctx.disk is not None and (
+            self.complete or (self.ingest is not None and self.ingest.owned)
+        )
         for c in wanted:
             if c.uoffset >= end or c.uoffset + c.size <= off:
                 continue
@@ -110,7 +116,8 @@ class Layer:
             lo = max(off - c.uoffset, 0)
             hi = min(end - c.uoffset, c.size)
             parts.append(data[lo:hi] if (lo, hi) != (0, c.size) else data)
-            memory.served(key, hi - lo)
+            if local:
+                memory.served(key, hi - lo)
         return b"".join(parts)
 
     async def get_chunks(self, items: Sequence[Item], kind: str) -> dict[str, bytes]:

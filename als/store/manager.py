@@ -63,7 +63,11 @@ class LayerManager:
             cfg=cfg,
             source=source,
             scheduler=self.scheduler,
-            memory=ChunkCache(cfg.memory_cache_mb * 1024 * 1024, self.trimmer.note),
+            memory=ChunkCache(
+                cfg.memory_cache_mb * 1024 * 1024,
+                self.trimmer.note,
+                settled=lambda: not self.scheduler.writes_pending(),
+            ),
             metrics=metrics,
         )
         self.native = NativeLayers(ctx)

@@ -13,14 +13,23 @@ class ChunkCache:
     manager's :class:`~als.store.memory.MemoryTrimmer` counts the chunk traffic with it).
     """
 
-    def __init__(self, max_bytes: int, on_put: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        on_put: Callable[[int], None] | None = None,
+        *,
+        settled: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.max_bytes = max_bytes
         self.on_put = on_put
+        # Whether the cache writes of what was fetched have landed: until then a consumed
+        # chunk stays (a second reference reading it meanwhile must not fetch it again).
+        self.settled = settled
         self.bytes = 0
         self._data: OrderedDict[str, bytes] = OrderedDict()
         # Bytes of a cached chunk handed to readers so far. Once all of it was, the kernel
         # holds it in its page cache (layer files are opened with keep_cache): the chunk is
-        # *consumed*, and leaves memory at the next put or trim (:meth:`served`).
+        # *consumed*, and leaves memory once the cache writes have landed (:meth:`served`).
         self._served: dict[str, int] = {}
         self._consumed: dict[str, None] = {}
         self.hits = 0
@@ -52,6 +61,8 @@ class ChunkCache:
         old = self._data.pop(key, None)
         if old is not None:
             self.bytes -= len(old)
+            self._served.pop(key, None)
+            self._consumed.pop(key, None)
         self._data[key] = data
         self.bytes += len(data)
         while self.bytes > self.max_bytes:
@@ -63,18 +74,22 @@ class ChunkCache:
     def served(self, key: str, nbytes: int) -> None:
         """``nbytes`` of chunk ``key`` went to a reader. When every byte of it has (counted
         over reads, which the kernel does not repeat for pages it keeps), the chunk is
-        consumed: dropped at the next :meth:`put` or :meth:`drop_consumed` (not at once: the
-        cache write of what was just fetched may still be on its way), and a later miss
-        decodes it again from disk."""
+        consumed: dropped as soon as the cache writes have landed (at once, or at a later
+        read, :meth:`put` or :meth:`drop_consumed`), and a later miss decodes it again from
+        disk. Only for chunks whose bytes the disk cache gets (the caller knows)."""
         if key not in self._data:
             return
         total = self._served.get(key, 0) + nbytes
         self._served[key] = total
         if total >= len(self._data[key]):
             self._consumed[key] = None
+        if self._consumed:
+            self.drop_consumed()
 
     def drop_consumed(self) -> int:
-        """Drop the consumed chunks; the bytes released."""
+        """Drop the consumed chunks if the cache writes have landed; the bytes released."""
+        if not self._consumed or not self.settled():
+            return 0
         freed = 0
         for key in self._consumed:
             data = self._data.pop(key, None)

@@ -100,6 +100,10 @@ class Scheduler:
             self._writes += 1
             self.nursery.start_soon(write)
 
+    def writes_pending(self) -> bool:
+        """Whether cache writes scheduled with :meth:`spawn_disk_write` are still running."""
+        return self._writes > 0
+
     async def writes_done(self) -> None:
         """Wait until the cache writes scheduled so far are done."""
         await self._written.wait()

@@ -606,3 +606,26 @@ async def test_every_byte_is_fetched_once(tmp_path: Path, fmt: str, background: 
         assert await read_blob_file(layer) == built.blob  # a second save reads the cache
         assert src.twice() == 0, src.sent
         assert src.bytes_sent == len(built.blob)
+
+
+async def test_reading_whole_files_leaves_no_chunk_in_memory(tmp_path: Path) -> None:
+    """Sequential readers (tar, cat, an interpreter reading its modules) leave the memory
+    cache empty: the kernel keeps those pages. A file read in part keeps its chunk."""
+    data = noise("whole", 300_000)
+    layer = make_layer({"f": data, "g": noise("part", 100_000)}, "estargz", chunk_size=64 << 10)
+    src = FakeSource()
+    src.add_image(REF, [layer])
+    async with running(src, tmp_path, readahead_kb=0, prefetch=False) as m:
+        lay = await m.lookup(REF, layer.digest)
+        f, g = lay.index.lookup("f"), lay.index.lookup("g")
+        assert f is not None and g is not None
+        for off in range(0, len(data), 128 << 10):  # the kernel's 128 KiB reads
+            assert await lay.read(f, off, 128 << 10) == data[off : off + (128 << 10)]
+        await m.scheduler.writes_done()
+        m.memory.drop_consumed()  # what the next read, put or trim does once written
+        assert all(lay.key(c) not in m.memory for c in lay.index.chunks(f))
+        assert await lay.read(g, 0, 4096) == noise("part", 100_000)[:4096]
+        assert m.memory.bytes > 0
+        requests = src.requests
+        assert await lay.read(f, 0, len(data)) == data  # from the disk cache, decoded again
+        assert src.requests == requests

@@ -172,8 +172,9 @@ async def serve(
                 log.info("zero-message open: the kernel opens files and directories itself")
             elif cfg.zero_message_open:
                 log.info(
-                    "zero-message open unavailable: this pyfuse3 lacks the inode handle "
-                    "(scripts/build-pyfuse3); every open and opendir reaches the store"
+                    "zero-message open unavailable: it needs the pyfuse3 of "
+                    "scripts/build-pyfuse3 and Linux 5.1 or later; every open and opendir "
+                    "reaches the store"
                 )
             task_status.started(ops)
             await pyfuse3.main()

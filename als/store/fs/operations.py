@@ -153,8 +153,10 @@ class Operations(pyfuse3.Operations):
         # ENOSYS; from then on the kernel opens without asking and keeps pages and listings
         # (FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR). Only with a pyfuse3 that hands read and readdir
         # the inode when there is no handle (scripts/build-pyfuse3).
-        self.zero_open = cfg.zero_message_open and bool(
-            getattr(pyfuse3, "ZERO_MESSAGE_OPEN", False)
+        self.zero_open = (
+            cfg.zero_message_open
+            and bool(getattr(pyfuse3, "ZERO_MESSAGE_OPEN", False))
+            and kernel_has_no_opendir(os.uname().release)
         )
         self._stale_listings: set[int] = set()
         self._owner = (os.geteuid(), os.getegid())
@@ -751,6 +753,17 @@ class Operations(pyfuse3.Operations):
     # raises FUSEError, which _guard would pass through unchanged), and mypy checks it against
     # each pyfuse3.Operations signature it overrides.
     mkdir = mknod = unlink = symlink = rename = link = write = setxattr = removexattr = _read_only
+
+
+def kernel_has_no_opendir(release: str) -> bool:
+    """Whether a kernel of this release takes ENOSYS from opendir as "open directories
+    without asking" (FUSE_NO_OPENDIR_SUPPORT, Linux 5.1); older ones fail the opendir."""
+    parts = release.split(".", 2)
+    try:
+        major, minor = int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return False
+    return (major, minor) >= (5, 1)
 
 
 def _digests(layer: Layer) -> set[str]:

@@ -28,6 +28,7 @@ from als.formats import EntryType
 from als.overlay import OPAQUE_VALUE
 from als.store.config import StoreConfig
 from als.store.fs.journal import Journal, JournalState
+from als.store.fs.kernelcache import ListingNotices, kernel_has_no_opendir
 from als.store.fs.layerlink import link_layer_id
 from als.store.fs.namespace import (
     Instance,
@@ -158,10 +159,14 @@ class Operations(pyfuse3.Operations):
             and bool(getattr(pyfuse3, "ZERO_MESSAGE_OPEN", False))
             and kernel_has_no_opendir(os.uname().release)
         )
-        self._stale_listings: set[int] = set()
         self._owner = (os.geteuid(), os.getegid())
+        self._warned_no_inode = False
         if self.zero_open:
-            self.ns.on_listing_change = self._listing_changed
+            notices = ListingNotices(
+                manager.scheduler,
+                lambda inode: pyfuse3.invalidate_inode(InodeT(inode), attr_only=False),
+            )
+            self.ns.on_listing_change = notices.changed
 
     def init(self) -> None:
         # Called by libfuse while it handles FUSE_INIT, before it replies (see
@@ -482,26 +487,21 @@ class Operations(pyfuse3.Operations):
     # lists its live children ordered by inode, so the offsets stay valid while it changes).
     # A client holding thousands of open directories costs the daemon nothing.
 
-    def _listing_changed(self, inode: int) -> None:
-        """A store directory lists other entries: drop the listing the kernel keeps (soon,
-        from a worker thread, several at once; never from inside the request that caused it)."""
-        if not self._stale_listings:
-            self.manager.scheduler.spawn(self._flush_listings)
-        self._stale_listings.add(inode)
-
-    async def _flush_listings(self) -> None:
-        await trio.lowlevel.checkpoint()  # the reply of the request that changed them first
-        inodes, self._stale_listings = self._stale_listings, set()
-
-        def notify() -> None:
-            for inode in sorted(inodes):
-                try:
-                    pyfuse3.invalidate_inode(InodeT(inode), attr_only=False)
-                except OSError as exc:  # ENOENT: the kernel does not know the inode (fine)
-                    if exc.errno != errno.ENOENT:
-                        log.debug("invalidate_inode(%d): %s", inode, exc)
-
-        await self.manager.scheduler.disk_call(notify)
+    def _handle_inode(self, fh: FileHandleT) -> int:
+        """The inode a handle stands for (handles are inodes). Handle 0 comes only from a
+        kernel that opened without asking, through a pyfuse3 that does not pass the inode
+        instead: a server without the patch took over from one with it."""
+        if fh == 0:
+            if not self._warned_no_inode:
+                self._warned_no_inode = True
+                log.error(
+                    "the kernel opens files without asking (zero-message open, set by an "
+                    "earlier server of this mount) but this pyfuse3 passes no inode: reads "
+                    "fail until als-mount is restarted (not taken over), or the pyfuse3 of "
+                    "scripts/build-pyfuse3 is installed"
+                )
+            raise FUSEError(errno.EIO)
+        return int(fh)
 
     @_guard
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
@@ -584,7 +584,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        inode = int(fh)
+        inode = self._handle_inode(fh)
         if is_layer_inode(inode):
             inst, dir_id = self._instance(inode)
             entries = self._layer_entries(inst, dir_id, start_id)
@@ -630,7 +630,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
-        inode = int(fh)
+        inode = self._handle_inode(fh)
         if is_layer_inode(inode):
             inst, entry_id = self._instance(inode)
             if off == 0 and self.zero_open:
@@ -753,17 +753,6 @@ class Operations(pyfuse3.Operations):
     # raises FUSEError, which _guard would pass through unchanged), and mypy checks it against
     # each pyfuse3.Operations signature it overrides.
     mkdir = mknod = unlink = symlink = rename = link = write = setxattr = removexattr = _read_only
-
-
-def kernel_has_no_opendir(release: str) -> bool:
-    """Whether a kernel of this release takes ENOSYS from opendir as "open directories
-    without asking" (FUSE_NO_OPENDIR_SUPPORT, Linux 5.1); older ones fail the opendir."""
-    parts = release.split(".", 2)
-    try:
-        major, minor = int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
-    except (IndexError, ValueError):
-        return False
-    return (major, minor) >= (5, 1)
 
 
 def _digests(layer: Layer) -> set[str]:

@@ -1,10 +1,15 @@
-"""Zero-message open is used only where the kernel supports it for directories too."""
+"""Zero-message open: used only where the kernel supports it for directories too, and the
+store's changed listings reach the kernel in batches, after the reply."""
 
 from __future__ import annotations
 
-import pytest
+import errno
 
-from als.store.fs.operations import kernel_has_no_opendir
+import pytest
+import trio
+
+from als.store.fs.kernelcache import ListingNotices, kernel_has_no_opendir
+from als.store.scheduler import Scheduler
 
 
 @pytest.mark.parametrize(
@@ -25,3 +30,21 @@ from als.store.fs.operations import kernel_has_no_opendir
 )
 def test_kernel_release(release: str, ok: bool) -> None:
     assert kernel_has_no_opendir(release) is ok
+
+
+async def test_listing_notices_are_batched_and_survive_unknown_inodes() -> None:
+    sent: list[int] = []
+
+    def invalidate(inode: int) -> None:
+        if inode == 13:
+            raise OSError(errno.ENOENT, "the kernel does not know it")
+        sent.append(inode)
+
+    scheduler = Scheduler(net=1, cpu=1)
+    async with trio.open_nursery() as nursery:
+        scheduler.nursery = nursery
+        notices = ListingNotices(scheduler, invalidate)
+        for inode in (5, 3, 5, 13, 1):  # one request's changes: one batch, once each
+            notices.changed(inode)
+        assert sent == []  # never from inside the request that changed them
+    assert sent == [1, 3, 5] and notices.sent == 4

@@ -97,6 +97,7 @@ async def serve(
         doc = manager.status()
         if ops is not None:
             doc["fuse_requests"] = dict(ops.requests)
+            doc["zero_message_open"] = ops.zero_open
         if handoff is not None:
             doc["server"] = {"generation": handoff.generation, "supervisor_pid": os.getppid()}
         return doc

@@ -48,6 +48,8 @@ class ServerStatus(TypedDict):
 class _DaemonFields(TypedDict, total=False):
     # FUSE requests answered, by operation (added by the daemon, which owns the FUSE layer)
     fuse_requests: dict[str, int]
+    # whether the kernel opens files and directories without asking (zero-message open)
+    zero_message_open: bool
     # present when a supervisor keeps the FUSE connection (als.store.supervisor)
     server: ServerStatus
 

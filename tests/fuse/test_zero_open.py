@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.fakesource import FakeSource
 from tests.support.layers import make_layer, noise
-from tests.support.mount import ThreadMount, b64, needs_fuse
+from tests.support.mount import ThreadMount, b64, needs_fuse, store_status
 from tests.support.tarspec import FileSpec
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
@@ -85,6 +85,7 @@ def mount(tmp_path: Path, source: FakeSource) -> Iterator[ThreadMount]:
 def test_warm_walk_and_read_reach_the_store_not_at_all(mount: ThreadMount) -> None:
     root = mount.layer_dir(REF, LAYER.digest) / "diff"
     assert mount.ops.zero_open
+    assert store_status(mount.root)["zero_message_open"] is True
     walk, data = _walk(root), _read_all(root)
     assert _walk(root) == walk  # after reads, a stat asks once (see below)
     assert len(walk) == 1 + len(SPEC) + 3 + 6  # ".", the entries, etc usr usr/lib, d0-d5
@@ -166,6 +167,7 @@ def test_without_zero_message_open_every_open_reaches_the_store(
         tmp_path / "als", source, lookup_timeout=5.0, read_timeout=5.0, zero_message_open=False
     ) as m:
         assert not m.ops.zero_open
+        assert store_status(m.root)["zero_message_open"] is False
         root = m.layer_dir(REF, LAYER.digest) / "diff"
         data = _read_all(root)
         before = _requests(m, "open", "release", "opendir")

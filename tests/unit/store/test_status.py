@@ -26,10 +26,11 @@ async def test_status_has_the_declared_fields(tmp_path: Path) -> None:
     await m.open()
     await m.lookup(REF, layer.digest)
     status = m.status()
-    # Every required field, in order (fuse_requests and server are added by the daemon).
+    # Every required field, in order (fuse_requests, zero_message_open and server are added by
+    # the daemon).
     required = StoreStatus.__required_keys__
     assert list(status) == [k for k in StoreStatus.__annotations__ if k in required]
-    assert StoreStatus.__optional_keys__ == {"fuse_requests", "server"}
+    assert StoreStatus.__optional_keys__ == {"fuse_requests", "zero_message_open", "server"}
     assert list(status["cache"]) == list(CacheStatus.__annotations__)
     (row,) = status["layers"]
     assert list(row) == list(LayerStatus.__annotations__)

@@ -12,6 +12,7 @@ what they found.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
@@ -240,7 +241,7 @@ class ChunkLoader:
         chunk files are written only when there is no download of ours to hold them."""
         ctx = self._ctx
         if ctx.disk is not None:
-            own = layer.ingest is not None and layer.ingest.owned and not layer.complete
+            own = self.can_keep_raw(layer)
             fresh = [
                 (fid, c)
                 for fid, c in pending
@@ -417,23 +418,9 @@ class ChunkLoader:
         holes = [
             h for span in spans for h in subtract_spans(span, [(s, s + len(d)) for s, d in local])
         ]
-        deadline = time.monotonic() + cfg.read_timeout
-        ranges = [(s, e - s) for s, e in holes]
-        ref, digest, source = layer.ref, layer.digest, ctx.source
-
-        def fetch() -> list[bytes]:
-            return source.fetch_ranges(ref, digest, ranges, deadline=deadline)
-
-        start = time.monotonic()
-        async with ctx.scheduler.foreground():
-            with trio.fail_after(cfg.read_timeout + 5):
-                blobs = await ctx.scheduler.net_call(fetch) if ranges else []
-        n = sum(len(b) for b in blobs)
-        layer.fetched_bytes += n
-        ctx.fetched(n, kind, time.monotonic() - start)
+        fetched = await self._fetch_spans(layer, holes, kind)
         if kind == FOREGROUND:
             self.on_miss(layer, spans[0][0], spans[-1][1])
-        fetched = [(s, data) for (s, _), data in zip(holes, blobs, strict=True)]
         whole = [(s, _assemble(s, e, [*local, *fetched])) for s, e in spans]
         raw: dict[str, bytes] = {}
         for c in need:
@@ -442,6 +429,32 @@ class ChunkLoader:
                     raw[layer.key(c)] = data[c.coffset - s : c.cend - s]
                     break
         return raw, fetched
+
+    async def _fetch_spans(
+        self, layer: Layer, spans: Sequence[Span], kind: str | None, *, foreground: bool = True
+    ) -> list[tuple[int, bytes]]:
+        """Blob byte ranges ``spans`` from the registry, as (offset, bytes): on the ``net``
+        limiter, within the read timeout, inside :meth:`Scheduler.foreground` (background
+        downloads pause) unless told otherwise; counted for the layer, the store and, given
+        a ``kind``, the metrics."""
+        ctx = self._ctx
+        deadline = time.monotonic() + ctx.cfg.read_timeout
+        ranges = [(s, e - s) for s, e in spans]
+        ref, digest, source = layer.ref, layer.digest, ctx.source
+
+        def fetch() -> list[bytes]:
+            return source.fetch_ranges(ref, digest, ranges, deadline=deadline)
+
+        start = time.monotonic()
+        blobs: list[bytes] = []
+        if ranges:
+            async with ctx.scheduler.foreground() if foreground else contextlib.nullcontext():
+                with trio.fail_after(ctx.cfg.read_timeout + 5):
+                    blobs = await ctx.scheduler.net_call(fetch)
+        n = sum(len(b) for b in blobs)
+        layer.fetched_bytes += n
+        ctx.fetched(n, kind, time.monotonic() - start)
+        return [(s, data) for (s, _), data in zip(spans, blobs, strict=True)]
 
     def can_keep_raw(self, layer: Layer) -> bool:
         """Whether compressed bytes fetched for ``layer`` have a download of ours to go to."""
@@ -471,22 +484,9 @@ class ChunkLoader:
         ]
         if not holes:
             return 0
-        deadline = time.monotonic() + ctx.cfg.read_timeout
-        ranges = [(s, e - s) for s, e in holes]
-        ref, digest, source = layer.ref, layer.digest, ctx.source
-
-        def fetch() -> list[bytes]:
-            return source.fetch_ranges(ref, digest, ranges, deadline=deadline)
-
-        start = time.monotonic()
-        with trio.fail_after(ctx.cfg.read_timeout + 5):
-            blobs = await ctx.scheduler.net_call(fetch)
-        n = sum(len(b) for b in blobs)
-        layer.fetched_bytes += n
-        ctx.fetched(n, kind, time.monotonic() - start)
-        fetched = [(s, data) for (s, _), data in zip(holes, blobs, strict=True)]
+        fetched = await self._fetch_spans(layer, holes, kind, foreground=False)
         ctx.scheduler.spawn_disk_write(lambda: self._store(layer, [], fetched))
-        return n
+        return sum(len(d) for _, d in fetched)
 
     async def blob_parts(self, layer: Layer, spans: Sequence[Span]) -> list[tuple[int, bytes]]:
         """The parts of ``spans`` present in the layer's download, as (offset, bytes)."""
@@ -512,22 +512,7 @@ class ChunkLoader:
         ctx = self._ctx
         local = await self.blob_parts(layer, [(start, end)])
         holes = subtract_spans((start, end), [(s, s + len(d)) for s, d in local])
-        deadline = time.monotonic() + ctx.cfg.read_timeout
-        ranges = [(s, e - s) for s, e in holes]
-        ref, digest, source = layer.ref, layer.digest, ctx.source
-
-        def fetch() -> list[bytes]:
-            return source.fetch_ranges(ref, digest, ranges, deadline=deadline)
-
-        blobs: list[bytes] = []
-        if ranges:
-            async with ctx.scheduler.foreground():
-                with trio.fail_after(ctx.cfg.read_timeout + 5):
-                    blobs = await ctx.scheduler.net_call(fetch)
-        n = sum(len(b) for b in blobs)
-        layer.fetched_bytes += n
-        ctx.fetched(n)
-        fetched = [(s, data) for (s, _), data in zip(holes, blobs, strict=True)]
+        fetched = await self._fetch_spans(layer, holes, None)
         if fetched and ctx.disk is not None:
             ctx.scheduler.spawn_disk_write(lambda: self._store(layer, [], fetched))
         return _assemble(start, end, [*local, *fetched])

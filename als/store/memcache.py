@@ -83,8 +83,7 @@ class ChunkCache:
         self._served[key] = total
         if total >= len(self._data[key]):
             self._consumed[key] = None
-        if self._consumed:
-            self.drop_consumed()
+        self.drop_consumed()
 
     def drop_consumed(self) -> int:
         """Drop the consumed chunks if the cache writes have landed; the bytes released."""
